@@ -1,0 +1,246 @@
+// ATen wrappers of the int8 ops on CPU: check the inputs (and say what is wrong in a
+// user's words), quantize activations into a small padded scratch, and split the GEMM
+// over threads with at::parallel_for. The kernels behind this are raw-pointer code in
+// csrc/cpu/int8_linear_<isa>.cpp.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../cpu/int8_linear.h"
+
+namespace pysparse {
+namespace {
+
+using at::Tensor;
+using cpu::GemmArgs;
+using cpu::Isa;
+using cpu::kPackK;
+using cpu::kPackN;
+using cpu::round_up;
+
+using GemmFn = void (*)(const GemmArgs&, int64_t, int64_t, int64_t, int64_t, int32_t*, float*);
+using QuantFn = void (*)(const void*, cpu::InType, int64_t, int64_t, int64_t, int64_t, int64_t,
+                         float, bool, int8_t*, float*);
+
+GemmFn gemm_fn(Isa isa) {
+  switch (isa) {
+    case Isa::Amx: return cpu::gemm_amx;
+    case Isa::Avx512: return cpu::gemm_avx512;
+    case Isa::Avx2: return cpu::gemm_avx2;
+    default: return cpu::gemm_scalar;
+  }
+}
+QuantFn quant_fn(Isa isa) {
+  switch (isa) {
+    case Isa::Amx:
+    case Isa::Avx512: return cpu::quantize_rows_avx512;
+    case Isa::Avx2: return cpu::quantize_rows_avx2;
+    default: return cpu::quantize_rows_scalar;
+  }
+}
+// Only the AVX-512 VNNI path multiplies u8 x s8 (VPDPBUSD); AMX and AVX2 use s8 x s8.
+bool isa_wants_u8(Isa isa) { return isa == Isa::Avx512; }
+
+Isa current_isa() {
+  try {
+    return cpu::selected_isa();
+  } catch (const std::exception& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
+
+// Rows per task: 256 keeps the task's C/F scratch (256 x 64 x 8 B = 128 KB) in L2 and,
+// at M = 512 on 2 threads, gives each thread one row block over all columns.
+constexpr int64_t kRowsPerTask = 256;
+
+void run_gemm(const GemmArgs& g, Isa isa) {
+  const GemmFn fn = gemm_fn(isa);
+  const int64_t mblocks = (g.M + kRowsPerTask - 1) / kRowsPerTask;
+  const int64_t nchunks = g.Np / kPackN;
+  at::parallel_for(0, mblocks * nchunks, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<int32_t> cbuf;
+    thread_local std::vector<float> fbuf;
+    const size_t need = size_t(round_up(kRowsPerTask, 32) * kPackN);
+    if (cbuf.size() < need) {
+      cbuf.resize(need);
+      fbuf.resize(need);
+    }
+    for (int64_t t = begin; t < end;) {
+      const int64_t mb = t / nchunks, c0 = t % nchunks;
+      const int64_t c1 = std::min(nchunks, c0 + (end - t));
+      const int64_t m0 = mb * kRowsPerTask, m1 = std::min(g.M, m0 + kRowsPerTask);
+      fn(g, m0, m1, c0, c1, cbuf.data(), fbuf.data());
+      t += c1 - c0;
+    }
+  });
+}
+
+void check_packed(const Tensor& packed, const Tensor& colsum, int64_t N, int64_t K,
+                  const char* op) {
+  TORCH_CHECK_VALUE(N >= 0 && K >= 0, op, ": N and K must be >= 0, got N=", N, ", K=", K);
+  TORCH_CHECK_VALUE(packed.scalar_type() == at::kChar && packed.dim() == 2 && packed.is_contiguous(),
+                    op, ": packed weight must be a contiguous 2-D int8 tensor from "
+                    "pysparse::int8_pack, got ", packed.scalar_type(), " of shape ", packed.sizes());
+  TORCH_CHECK_VALUE(colsum.scalar_type() == at::kInt && colsum.dim() == 2 && colsum.is_contiguous(),
+                    op, ": colsum must be a contiguous 2-D int32 tensor from pysparse::int8_pack");
+  TORCH_CHECK_VALUE(packed.device().is_cpu() && colsum.device().is_cpu(), op,
+                    ": packed weight and colsum must be on the CPU");
+  const int64_t Np = round_up(N, kPackN);
+  const int64_t G = colsum.size(0);
+  TORCH_CHECK_VALUE(G >= 1 && colsum.size(1) == Np, op, ": colsum has shape ", colsum.sizes(),
+                    ", expected [groups, ", Np, "] for N=", N);
+  const int64_t Kp = packed.size(1) / 16, gk = Kp / G;
+  TORCH_CHECK_VALUE(packed.size(0) == Np / 16 && packed.size(1) % 16 == 0 && Kp % G == 0 &&
+                        gk % kPackK == 0 && gk > 0 && Kp == std::max(round_up(K, gk), gk),
+                    op, ": packed weight has shape ", packed.sizes(), " and ", G,
+                    " scale group(s), which does not hold N=", N, ", K=", K,
+                    " (was it packed for another layer?)");
+}
+
+std::tuple<Tensor, Tensor> int8_pack(const Tensor& w, int64_t group_size) {
+  TORCH_CHECK_VALUE(w.scalar_type() == at::kChar, "int8_pack: w must be int8, got ", w.scalar_type());
+  TORCH_CHECK_VALUE(w.dim() == 2, "int8_pack: w must be 2-D [N, K], got shape ", w.sizes());
+  TORCH_CHECK_VALUE(group_size == 0 || (group_size > 0 && group_size % kPackK == 0),
+                    "int8_pack: group_size must be 0 (per output channel) or a positive multiple of ",
+                    kPackK, ", got ", group_size);
+  const int64_t N = w.size(0), K = w.size(1);
+  const int64_t Np = round_up(N, kPackN);
+  const int64_t Kp = group_size ? std::max<int64_t>(round_up(K, group_size), group_size)
+                                : std::max<int64_t>(round_up(K, kPackK), kPackK);
+  const int64_t G = group_size ? Kp / group_size : 1, gk = Kp / G;
+  Tensor wc = w.contiguous();
+  Tensor packed = at::zeros({Np / 16, Kp * 16}, w.options().device(at::kCPU));
+  Tensor colsum = at::zeros({G, Np}, w.options().dtype(at::kInt).device(at::kCPU));
+  const int8_t* src = wc.data_ptr<int8_t>();
+  int8_t* dst = packed.data_ptr<int8_t>();
+  int32_t* cs = colsum.data_ptr<int32_t>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      int8_t* blk = dst + (n / 16) * Kp * 16 + (n % 16) * 4;
+      for (int64_t k = 0; k < K; ++k) {
+        const int8_t v = src[n * K + k];
+        blk[(k / 4) * 64 + (k % 4)] = v;
+        cs[(k / gk) * Np + n] += v;
+      }
+    }
+  });
+  return {packed, colsum};
+}
+
+Tensor int8_unpack(const Tensor& packed, const Tensor& colsum, int64_t N, int64_t K) {
+  check_packed(packed, colsum, N, K, "int8_unpack");
+  const int64_t Kp = packed.size(1) / 16;
+  Tensor w = at::empty({N, K}, packed.options());
+  const int8_t* src = packed.data_ptr<int8_t>();
+  int8_t* dst = w.data_ptr<int8_t>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k)
+      dst[n * K + k] = src[(n / 16) * Kp * 16 + (n % 16) * 4 + (k / 4) * 64 + (k % 4)];
+  return w;
+}
+
+Tensor int8_mm(const Tensor& a, const Tensor& packed, const Tensor& colsum, int64_t N, int64_t K) {
+  check_packed(packed, colsum, N, K, "int8_mm");
+  TORCH_CHECK_VALUE(a.device().is_cpu(), "int8_mm: a must be on the CPU, got ", a.device());
+  TORCH_CHECK_VALUE(a.scalar_type() == at::kChar, "int8_mm: a must be int8, got ", a.scalar_type());
+  TORCH_CHECK_VALUE(a.dim() == 2 && a.size(1) == K, "int8_mm: a must be [M, ", K, "], got shape ",
+                    a.sizes());
+  TORCH_CHECK_VALUE(colsum.size(0) == 1,
+                    "int8_mm: the weight must be packed per output channel (group_size=0)");
+  const int64_t M = a.size(0), Kp = packed.size(1) / 16, Np = packed.size(0) * 16;
+  Tensor out = at::empty({M, N}, a.options().dtype(at::kInt));
+  if (M == 0 || N == 0) return out;
+  const Isa isa = current_isa();
+  const bool u8 = isa_wants_u8(isa);
+  const int64_t Mp = round_up(M, 32);
+  Tensor ap = at::zeros({Mp, Kp}, a.options());
+  if (K > 0) ap.narrow(0, 0, M).narrow(1, 0, K).copy_(a);
+  if (u8) ap.bitwise_xor_(-128);  // u8 view: s8 + 128
+  GemmArgs g{ap.data_ptr<int8_t>(), M, Mp, N, Np, Kp, packed.data_ptr<int8_t>(),
+             colsum.data_ptr<int32_t>(), nullptr, nullptr, Kp, nullptr,
+             out.data_ptr<int32_t>(), N, cpu::OutType::I32};
+  run_gemm(g, isa);
+  return out;
+}
+
+Tensor int8_linear(const Tensor& x, const Tensor& packed, const Tensor& colsum,
+                   const Tensor& w_scale, const std::optional<Tensor>& bias,
+                   const std::optional<Tensor>& x_scale, int64_t N, int64_t K) {
+  check_packed(packed, colsum, N, K, "int8_linear");
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "int8_linear: x must be on the CPU (the weight is), got ",
+                    x.device());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+                    "int8_linear: x must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, "int8_linear: x must have last dimension ",
+                    "in_features=", K, ", got shape ", x.sizes());
+  const int64_t G = colsum.size(0), Np = packed.size(0) * 16, Kp = packed.size(1) / 16;
+  TORCH_CHECK_VALUE(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() &&
+                        w_scale.dim() == 2 && w_scale.size(0) == G && w_scale.size(1) == Np,
+                    "int8_linear: w_scale must be a contiguous float32 tensor of shape [", G, ", ",
+                    Np, "], got ", w_scale.scalar_type(), " ", w_scale.sizes());
+  if (bias) {
+    TORCH_CHECK_VALUE(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N &&
+                          bias->device().is_cpu(),
+                      "int8_linear: bias must be a float32 CPU tensor of shape [", N, "], got ",
+                      bias->scalar_type(), " ", bias->sizes());
+  }
+  float static_scale = 0.f;
+  if (x_scale) {
+    TORCH_CHECK_VALUE(x_scale->numel() == 1 && x_scale->scalar_type() == at::kFloat,
+                      "int8_linear: x_scale must be a one-element float32 tensor (a static "
+                      "per-tensor activation scale), got ", x_scale->scalar_type(), " ",
+                      x_scale->sizes());
+    static_scale = x_scale->item<float>();
+    TORCH_CHECK_VALUE(std::isfinite(static_scale) && static_scale > 0.f,
+                      "int8_linear: x_scale must be finite and > 0, got ", static_scale);
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  Tensor out = at::empty(out_shape, x.options());
+  const int64_t M = x.numel() / std::max<int64_t>(K, 1);
+  if (out.numel() == 0) return out;
+  if (K == 0) {  // empty reduction: y = bias
+    if (bias) out.copy_(bias->expand(out_shape)); else out.zero_();
+    return out;
+  }
+  Tensor x2 = x.reshape({M, K});
+  if (x2.stride(1) != 1) x2 = x2.contiguous();
+  const Isa isa = current_isa();
+  const bool u8 = isa_wants_u8(isa);
+  const int64_t Mp = round_up(M, 32);
+  // Scratch: the quantized activations (rows past M zero for AMX's 16-row tiles).
+  Tensor ap = at::empty({Mp, Kp}, x.options().dtype(at::kChar));
+  if (Mp > M) ap.narrow(0, M, Mp - M).fill_(u8 ? -128 : 0);
+  Tensor a_scale = at::empty({M}, x.options().dtype(at::kFloat));
+  const cpu::InType in_t = dt == at::kFloat ? cpu::InType::F32
+                           : dt == at::kBFloat16 ? cpu::InType::BF16 : cpu::InType::F16;
+  const QuantFn qf = quant_fn(isa);
+  const void* xp = x2.data_ptr();
+  const int64_t ldx = x2.stride(0);
+  int8_t* app = ap.data_ptr<int8_t>();
+  float* asp = a_scale.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
+    qf(xp, in_t, ldx, K, Kp, m0, m1, static_scale, u8, app, asp);
+  });
+  const cpu::OutType ot = dt == at::kFloat ? cpu::OutType::F32
+                          : dt == at::kBFloat16 ? cpu::OutType::BF16 : cpu::OutType::F16;
+  GemmArgs g{app, M, Mp, N, Np, Kp, packed.data_ptr<int8_t>(), colsum.data_ptr<int32_t>(),
+             asp, w_scale.data_ptr<float>(), Kp / G,
+             bias ? bias->data_ptr<float>() : nullptr, out.data_ptr(), N, ot};
+  run_gemm(g, isa);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pysparse, CPU, m) {
+  m.impl("int8_pack", &int8_pack);
+  m.impl("int8_unpack", &int8_unpack);
+  m.impl("int8_mm", &int8_mm);
+  m.impl("int8_linear", &int8_linear);
+}
+
+}  // namespace pysparse

@@ -1,0 +1,53 @@
+// The pysparse op registry: every op's schema, in one place. CPU kernels register in
+// csrc/ops/<op>.cpp; fake (meta) kernels and the CUDA/Triton kernels register from
+// Python (pysparse/ops.py). The pybind module only reports CPU features.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "../cpu/int8_linear.h"
+
+TORCH_LIBRARY(pysparse, m) {
+  // Pack int8 weights w [N, K] once into the kernels' tile layout; returns (packed, colsum).
+  m.def("int8_pack(Tensor w, int group_size=0) -> (Tensor, Tensor)");
+  m.def("int8_unpack(Tensor packed, Tensor colsum, int N, int K) -> Tensor");
+  // Raw int8 GEMM a [M, K] x w^T -> int32 [M, N], exact.
+  m.def("int8_mm(Tensor a, Tensor packed, Tensor colsum, int N, int K) -> Tensor");
+  // y = dequant(quant(x) @ w^T) * scales + bias in x's dtype; x_scale=None: dynamic per row.
+  m.def(
+      "int8_linear(Tensor x, Tensor packed, Tensor colsum, Tensor w_scale, Tensor? bias, "
+      "Tensor? x_scale, int N, int K) -> Tensor");
+}
+
+namespace {
+pybind11::dict cpu_features_dict() {
+  using namespace pysparse::cpu;
+  const CpuFeatures& f = cpu_features();
+  pybind11::dict d;
+  d["avx2"] = f.avx2;
+  d["fma"] = f.fma;
+  d["f16c"] = f.f16c;
+  d["avx512f"] = f.avx512f;
+  d["avx512bw"] = f.avx512bw;
+  d["avx512vl"] = f.avx512vl;
+  d["avx512_vnni"] = f.avx512_vnni;
+  d["avx512_bf16"] = f.avx512_bf16;
+  d["amx_tile"] = f.amx_tile;
+  d["amx_int8"] = f.amx_int8;
+  d["amx_bf16"] = f.amx_bf16;
+  d["amx_os_permission"] = f.amx_os_permission;
+  d["best_isa"] = isa_name(best_isa());
+  return d;
+}
+std::string selected_isa_name() {
+  try {
+    return pysparse::cpu::isa_name(pysparse::cpu::selected_isa());
+  } catch (const std::exception& e) {
+    throw pybind11::value_error(e.what());
+  }
+}
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("cpu_features", &cpu_features_dict, "CPU features found by CPUID/XGETBV/arch_prctl");
+  m.def("selected_isa", &selected_isa_name, "ISA path the int8 kernels use now");
+}

@@ -1,0 +1,41 @@
+"""pysparse: kernels that turn compressed neural networks into speed.
+
+Public API: ``quantize_int8`` (model conversion), ``pysparse.nn`` (the layers),
+``cpu_info`` (what this CPU has and which kernel each op uses), and the ops in the
+``torch.ops.pysparse`` namespace (see pysparse.ops), with pure-PyTorch references in
+``pysparse.reference``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import ops, reference
+from . import nn
+from .quantize import quantize_int8
+
+__version__ = "0.1.0"
+
+
+def cpu_info() -> dict:
+    """What the CPU offers and which kernel each op will use now.
+
+    Returns a dict: the detected features (AVX2, AVX-512 VNNI, AMX and whether the OS
+    granted AMX), ``best_isa``, ``selected_isa`` (after the PYSPARSE_CPU_ISA cap),
+    ``threads`` (torch.get_num_threads(), which the kernels use), and ``ops``: each op's
+    kernel on the CPU.
+    """
+    feats = dict(ops._C.cpu_features())
+    sel = ops._C.selected_isa()
+    return {
+        "features": {k: v for k, v in feats.items() if k != "best_isa"},
+        "best_isa": feats["best_isa"],
+        "selected_isa": sel,
+        "env_cap": os.environ.get("PYSPARSE_CPU_ISA"),
+        "threads": torch.get_num_threads(),
+        "ops": {"int8_linear": f"cpu-{sel}", "int8_mm": f"cpu-{sel}"},
+    }
+
+
+__all__ = ["quantize_int8", "cpu_info", "nn", "ops", "reference"]

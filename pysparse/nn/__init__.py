@@ -1,0 +1,4 @@
+"""Drop-in layers whose kernels turn compression into speed."""
+from .int8_linear import Int8Linear
+
+__all__ = ["Int8Linear"]

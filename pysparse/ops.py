@@ -1,0 +1,92 @@
+"""pysparse's op registry on the Python side.
+
+Schemas live in csrc/ops/registry.cpp (the `pysparse` torch.library namespace) and the
+CPU kernels register from C++. Here: the fake (meta) kernels that let
+torch.compile(fullgraph=True) and torch.export trace through the ops, and the CUDA
+kernels (Triton), which register only when CUDA and Triton are present.
+
+Callers use ``torch.ops.pysparse.<op>``; the thin functions below only add type hints.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library: schemas + CPU kernels)
+
+PACK_N = 64  # csrc/cpu/int8_linear.h kPackN: N padded to the AVX-512 / AMX column chunk
+PACK_K = 64  # kPackK: K padded to one AMX tile of K
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def packed_k(K: int, group_size: int) -> int:
+    """K after padding: to the scale group (if any), else to PACK_K; at least one group."""
+    g = group_size or PACK_K
+    return max(_round_up(K, g), g)
+
+
+@torch.library.register_fake("pysparse::int8_pack")
+def _int8_pack_fake(w: torch.Tensor, group_size: int = 0):
+    N, K = w.shape
+    Np, Kp = _round_up(N, PACK_N), packed_k(K, group_size)
+    G = Kp // group_size if group_size else 1
+    return (w.new_empty((Np // 16, Kp * 16), dtype=torch.int8),
+            w.new_empty((G, Np), dtype=torch.int32))
+
+
+@torch.library.register_fake("pysparse::int8_unpack")
+def _int8_unpack_fake(packed, colsum, N: int, K: int):
+    return packed.new_empty((N, K), dtype=torch.int8)
+
+
+@torch.library.register_fake("pysparse::int8_mm")
+def _int8_mm_fake(a, packed, colsum, N: int, K: int):
+    torch._check(a.dtype == torch.int8, lambda: f"int8_mm: a must be int8, got {a.dtype}")
+    torch._check(a.dim() == 2 and a.shape[1] == K, lambda: f"int8_mm: a must be [M, {K}]")
+    return a.new_empty((a.shape[0], N), dtype=torch.int32)
+
+
+@torch.library.register_fake("pysparse::int8_linear")
+def _int8_linear_fake(x, packed, colsum, w_scale, bias, x_scale, N: int, K: int):
+    torch._check(x.dtype in (torch.float32, torch.bfloat16, torch.float16),
+                 lambda: f"int8_linear: x must be float32, bfloat16 or float16, got {x.dtype}")
+    torch._check(x.dim() >= 1 and x.shape[-1] == K,
+                 lambda: f"int8_linear: x must have last dimension in_features={K}")
+    return x.new_empty((*x.shape[:-1], N))
+
+
+def int8_pack(w: torch.Tensor, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack int8 weights ``w`` [N, K] into the kernels' layout: returns (packed, colsum).
+
+    group_size=0 packs for one scale per output channel; a positive multiple of 64 packs
+    for one scale per group of that many K. K and N are padded inside (zeros).
+    """
+    return torch.ops.pysparse.int8_pack(w, group_size)
+
+
+def int8_mm(a: torch.Tensor, packed: torch.Tensor, colsum: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """Exact int8 GEMM: a [M, K] int8 times the packed weight's transpose -> int32 [M, N]."""
+    return torch.ops.pysparse.int8_mm(a, packed, colsum, N, K)
+
+
+def int8_linear(x: torch.Tensor, packed: torch.Tensor, colsum: torch.Tensor, w_scale: torch.Tensor,
+                bias: Optional[torch.Tensor], x_scale: Optional[torch.Tensor], N: int, K: int) -> torch.Tensor:
+    """Quantized linear: int8(x) @ int8(w)^T, dequantized, plus bias, in x's dtype.
+
+    x [..., K] float32/bfloat16/float16; w_scale float32 [groups, round_up(N, 64)];
+    x_scale None quantizes each row of x dynamically, else a one-element static scale.
+    """
+    return torch.ops.pysparse.int8_linear(x, packed, colsum, w_scale, bias, x_scale, N, K)
+
+
+def kernel_for(device: torch.device) -> str:
+    """Which kernel pysparse's int8 ops use on ``device`` now (honours PYSPARSE_CPU_ISA)."""
+    if device.type == "cpu":
+        return f"cpu-{_C.selected_isa()}"
+    if device.type == "cuda":
+        return "triton"
+    return "none"

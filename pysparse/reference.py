@@ -1,0 +1,87 @@
+"""Pure-PyTorch references of every pysparse op: the test oracle, the benchmark baseline,
+and the fallback the dispatcher names when no kernel fits.
+
+Each reference does the same arithmetic as the kernels, in the same order, so integer
+results match bit for bit and float results match to rounding of the final casts.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def quantize_per_row(x: torch.Tensor, x_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantization of each row of ``x`` [M, K] -> (q int8 [M, K], scale float32 [M]).
+
+    Dynamic (x_scale None): scale = amax / 127 per row, q = round(clamp(x * (127 / amax))).
+    Static: one scale for all rows. A row holding NaN or Inf gets scale NaN (its output
+    row is then NaN, as float math would give), and a row of zeros scale 1.
+    """
+    xf = x.float()
+    if x_scale is None:
+        amax = xf.abs().amax(dim=-1) if xf.shape[-1] else xf.new_zeros(xf.shape[:-1])
+        pos = amax > 0
+        scale = torch.where(pos, amax / 127.0, torch.ones_like(amax))
+        # torch.div, not `127.0 / amax`: Tensor.__rtruediv__ computes reciprocal(amax) * 127,
+        # rounding twice, which flips ties like x * inv = 63.5 against the kernels' 127 / amax.
+        inv = torch.where(pos, torch.div(torch.full_like(amax, 127.0), amax), torch.ones_like(amax))
+    else:
+        s = x_scale.float().reshape(())
+        scale = s.expand(xf.shape[:-1]).clone()
+        inv = torch.div(torch.ones_like(s), s).expand(xf.shape[:-1])
+    q = torch.round(torch.clamp(xf * inv.unsqueeze(-1), -128, 127))
+    finite = torch.isfinite(xf).all(dim=-1)
+    q = torch.where(torch.isnan(q), torch.zeros_like(q), q).to(torch.int8)
+    scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
+    return q, scale
+
+
+def quantize_weight(w: torch.Tensor, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 weights: w [N, K] -> (q int8 [N, K], scale float32 [N, G]).
+
+    One scale per output channel (group_size=0) or per group of ``group_size`` along K
+    (the last group may be short). scale = amax / 127 (1 where a channel is all zero).
+    """
+    w = w.detach().float()
+    N, K = w.shape
+    g = group_size or max(K, 1)
+    G = max((K + g - 1) // g, 1)
+    wp = torch.nn.functional.pad(w, (0, G * g - K)).reshape(N, G, g)
+    amax = wp.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(wp / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8).reshape(N, G * g)[:, :K]
+    return q.contiguous(), scale
+
+
+def int8_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """a [M, K] int8 @ w [N, K]^T -> int32, accumulated exactly in int64."""
+    return (a.long() @ w.long().T).to(torch.int32)
+
+
+def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                x_scale: Optional[torch.Tensor] = None, group_size: int = 0) -> torch.Tensor:
+    """Reference of pysparse::int8_linear from unpacked weights.
+
+    x [..., K] float; w_q int8 [N, K]; w_scale float32 [N, G]; bias float32 [N] or None.
+    y = (sum_g float(acc_g) * w_scale[:, g]) * x_scale_row + bias, cast to x.dtype.
+    """
+    K = x.shape[-1]
+    N = w_q.shape[0]
+    x2 = x.reshape(-1, K)
+    q, s = quantize_per_row(x2, x_scale)
+    G = w_scale.shape[1]
+    g = group_size or max(K, 1)
+    f = None
+    for gi in range(G):
+        k0, k1 = gi * g, min((gi + 1) * g, K)
+        # int64 sums are exact; .float() rounds them as the kernel rounds its int32 sums
+        acc = (q[:, k0:k1].long() @ w_q[:, k0:k1].long().T).float()
+        v = acc * w_scale[:, gi].float()
+        f = v if f is None else f + v
+    if f is None:
+        f = torch.zeros(x2.shape[0], N)
+    y = f * s.unsqueeze(-1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)

@@ -1,0 +1,51 @@
+"""Build pysparse's C++ extension (pysparse._C).
+
+Each ISA variant of the CPU kernels is its own translation unit with its own -m flags,
+compiled here one by one and linked into the one extension; the kernel used is chosen
+at run time from CPUID, so nothing is built with -march=native. Those units include no
+torch headers (csrc/cpu/int8_linear.h), so their flags cannot leak into shared inline
+code. CUDA sources would build only when the installed torch has CUDA and nvcc exists.
+"""
+import os
+
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# -ffp-contract=off everywhere: no FMA contraction, so the float epilogue rounds the
+# same on every path and the layers' outputs agree bit for bit across ISAs.
+COMMON = ["-O3", "-std=c++20", "-ffp-contract=off", "-fno-math-errno"]
+ISA_SOURCES = {
+    "csrc/cpu/int8_linear_scalar.cpp": [],
+    "csrc/cpu/int8_linear_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
+    "csrc/cpu/int8_linear_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
+                                        "-mavx2", "-mfma", "-mf16c"],
+    "csrc/cpu/int8_linear_amx.cpp": ["-mamx-tile", "-mamx-int8", "-mavx512f", "-mavx512bw",
+                                     "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c"],
+}
+
+
+class BuildWithIsaUnits(BuildExtension):
+    """Compile each ISA unit with its own flags, then link them into the extension."""
+
+    def build_extension(self, ext):
+        objects = []
+        for src, flags in ISA_SOURCES.items():
+            objects += self.compiler.compile(
+                [src], output_dir=self.build_temp, include_dirs=ext.include_dirs,
+                extra_postargs=COMMON + ["-fPIC"] + flags)
+        ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extension(ext)
+
+
+ext = CppExtension(
+    "pysparse._C",
+    sources=["csrc/ops/registry.cpp", "csrc/ops/int8_linear.cpp", "csrc/cpu/cpu_features.cpp"],
+    include_dirs=[os.path.join(ROOT, "csrc")],
+    extra_compile_args={"cxx": COMMON},
+)
+
+setup(
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildWithIsaUnits.with_options(use_ninja=True)},
+)
