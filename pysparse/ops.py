@@ -29,6 +29,15 @@ def packed_k(K: int, group_size: int) -> int:
     return max(_round_up(K, g), g)
 
 
+def _same_device(op: str, **tensors: torch.Tensor) -> None:
+    # Under FakeTensorMode the devices are the real ones; under plain meta dispatch (a
+    # meta input against CPU weights) this is the only place a mismatch can be caught.
+    devs = {n: t.device for n, t in tensors.items()}
+    first = next(iter(devs.values()))
+    torch._check(all(d == first for d in devs.values()),
+                 lambda: f"{op}: all tensors must be on one device, got {devs}")
+
+
 @torch.library.register_fake("pysparse::int8_pack")
 def _int8_pack_fake(w: torch.Tensor, group_size: int = 0):
     N, K = w.shape
@@ -45,6 +54,7 @@ def _int8_unpack_fake(packed, colsum, N: int, K: int):
 
 @torch.library.register_fake("pysparse::int8_mm")
 def _int8_mm_fake(a, packed, colsum, N: int, K: int):
+    _same_device("int8_mm", a=a, packed=packed)
     torch._check(a.dtype == torch.int8, lambda: f"int8_mm: a must be int8, got {a.dtype}")
     torch._check(a.dim() == 2 and a.shape[1] == K, lambda: f"int8_mm: a must be [M, {K}]")
     return a.new_empty((a.shape[0], N), dtype=torch.int32)
@@ -52,6 +62,7 @@ def _int8_mm_fake(a, packed, colsum, N: int, K: int):
 
 @torch.library.register_fake("pysparse::int8_linear")
 def _int8_linear_fake(x, packed, colsum, w_scale, bias, x_scale, N: int, K: int):
+    _same_device("int8_linear", x=x, packed=packed, w_scale=w_scale)
     torch._check(x.dtype in (torch.float32, torch.bfloat16, torch.float16),
                  lambda: f"int8_linear: x must be float32, bfloat16 or float16, got {x.dtype}")
     torch._check(x.dim() >= 1 and x.shape[-1] == K,

@@ -1,0 +1,32 @@
+"""Shared fixtures: the CPU ISA paths this machine can run (each forced through
+PYSPARSE_CPU_ISA, so every path at or below the best one is tested here)."""
+import os
+
+import pytest
+import torch
+
+import pysparse
+
+_ORDER = ["scalar", "avx2", "avx512", "amx"]
+
+
+def available_isas() -> list[str]:
+    best = pysparse.cpu_info()["best_isa"]
+    return _ORDER[: _ORDER.index(best) + 1]
+
+
+@pytest.fixture(params=_ORDER)
+def isa(request, monkeypatch):
+    """Run the test once per CPU path; skip paths this CPU lacks (never fail for hardware)."""
+    if request.param not in available_isas():
+        pytest.skip(f"CPU has no {request.param} (best: {available_isas()[-1]})")
+    monkeypatch.setenv("PYSPARSE_CPU_ISA", request.param)
+    assert pysparse.ops.kernel_for(torch.device("cpu")) == f"cpu-{request.param}"
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+    os.environ.pop("PYSPARSE_CPU_ISA", None) if os.environ.get("PYSPARSE_CPU_ISA") == "" else None

@@ -1,0 +1,252 @@
+"""pysparse::int8_mm / int8_linear / Int8Linear on the CPU, on the four axes: against the
+reference, exactness, opcheck, torch.compile / torch.export; plus bad input."""
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import pysparse
+from pysparse import ops, reference as R
+from pysparse.nn import Int8Linear
+
+from .conftest import available_isas
+
+
+def rand_i8(*shape):
+    t = torch.randint(-128, 128, shape, dtype=torch.int8)
+    if t.numel():
+        t.view(-1)[0] = -128  # always exercise the asymmetric end
+    return t
+
+
+# ---------------------------------------------------------------- exactness
+@pytest.mark.parametrize("M,N,K", [(0, 5, 7), (1, 1, 1), (1, 70, 130), (7, 64, 64), (17, 100, 1000),
+                                   (33, 65, 4099), (2, 19, 16384), (300, 130, 200)])
+def test_int8_mm_bit_exact(isa, M, N, K):
+    a, w = rand_i8(M, K), rand_i8(N, K)
+    packed, colsum = ops.int8_pack(w)
+    assert torch.equal(ops.int8_mm(a, packed, colsum, N, K), R.int8_mm(a, w))
+
+
+def test_int8_mm_extremes_k16384(isa):
+    # All -128 x -128 over K = 16384: 2^28, the largest sum; -128 x 127 the most negative.
+    K = 16384
+    a = torch.full((3, K), -128, dtype=torch.int8)
+    w = torch.stack([torch.full((K,), -128, dtype=torch.int8), torch.full((K,), 127, dtype=torch.int8)])
+    packed, colsum = ops.int8_pack(w)
+    out = ops.int8_mm(a, packed, colsum, 2, K)
+    assert out[0].tolist() == [2**28, -128 * 127 * K]
+
+
+def test_pack_unpack_roundtrip():
+    w = rand_i8(70, 130)
+    for g in (0, 64, 128):
+        p, c = ops.int8_pack(w, g)
+        assert torch.equal(torch.ops.pysparse.int8_unpack(p, c, 70, 130), w)
+
+
+# ---------------------------------------------------------------- against the reference
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 130), (4, 5, 300), (0, 64), (65, 1000)])
+@pytest.mark.parametrize("group_size", [0, 64])
+def test_layer_matches_reference(isa, dtype, shape, group_size):
+    K = shape[-1]
+    lin = nn.Linear(K, 70)
+    m = Int8Linear.from_float(lin, group_size=group_size)
+    x = torch.randn(shape).to(dtype)
+    q, s = R.quantize_weight(lin.weight, group_size)
+    # Bit-equal: the kernels do the reference's float operations in the same order
+    # (no FMA contraction), so only identical roundings are possible.
+    assert torch.equal(m(x), R.int8_linear(x, q, s, lin.bias.detach(), group_size=group_size))
+
+
+def test_paths_agree_bit_for_bit(monkeypatch):
+    lin = nn.Linear(777, 333)
+    m = Int8Linear.from_float(lin)
+    x = torch.randn(19, 777)
+    outs = {}
+    for isa in available_isas():
+        monkeypatch.setenv("PYSPARSE_CPU_ISA", isa)
+        outs[isa] = m(x)
+    ref = outs["scalar"]
+    for isa, y in outs.items():
+        assert torch.equal(y, ref), isa
+
+
+def test_non_contiguous_input(isa):
+    lin = nn.Linear(96, 40)
+    m = Int8Linear.from_float(lin)
+    x = torch.randn(96, 10).T  # stride (1, 10)
+    assert torch.equal(m(x), m(x.contiguous()))
+    x3 = torch.randn(4, 10, 200)[:, :, ::2]
+    assert torch.equal(m(x3[..., :96]), m(x3[..., :96].contiguous()))
+
+
+def test_static_activations(isa):
+    lin = nn.Linear(128, 64)
+    x = torch.randn(8, 128)
+    s = float(x.abs().max()) / 127
+    m = Int8Linear.from_float(lin, activations="static", x_scale=s)
+    q, ws = R.quantize_weight(lin.weight)
+    assert torch.equal(m(x), R.int8_linear(x, q, ws, lin.bias.detach(), torch.tensor([s])))
+    # outliers beyond the calibrated range clamp to +-127/-128, as the reference does
+    x2 = x * 10
+    assert torch.equal(m(x2), R.int8_linear(x2, q, ws, lin.bias.detach(), torch.tensor([s])))
+
+
+# ---------------------------------------------------------------- accuracy
+def sqnr_db(ref, y):
+    return 10 * math.log10(ref.pow(2).mean().item() / (ref - y).pow(2).mean().item())
+
+
+@pytest.mark.parametrize("group_size", [0, 128])
+def test_sqnr_gaussian(group_size):
+    lin = nn.Linear(1024, 512)
+    nn.init.normal_(lin.weight, std=0.02)
+    x = torch.randn(64, 1024)
+    y = Int8Linear.from_float(lin, group_size=group_size)(x)
+    assert sqnr_db(lin(x), y) >= 35.0
+
+
+# ---------------------------------------------------------------- opcheck / compile / export
+def test_opcheck():
+    w = rand_i8(70, 130)
+    p, c = ops.int8_pack(w)
+    ws = torch.rand(1, c.shape[1]) * 0.01
+    b = torch.randn(70)
+    torch.library.opcheck(torch.ops.pysparse.int8_pack.default, (w, 0))
+    torch.library.opcheck(torch.ops.pysparse.int8_pack.default, (w, 64))
+    torch.library.opcheck(torch.ops.pysparse.int8_unpack.default, (p, c, 70, 130))
+    torch.library.opcheck(torch.ops.pysparse.int8_mm.default, (rand_i8(5, 130), p, c, 70, 130))
+    for x in (torch.randn(5, 130), torch.randn(2, 3, 130).bfloat16()):
+        torch.library.opcheck(torch.ops.pysparse.int8_linear.default, (x, p, c, ws, b, None, 70, 130))
+    torch.library.opcheck(torch.ops.pysparse.int8_linear.default,
+                          (torch.randn(5, 130), p, c, ws, None, torch.tensor([0.02]), 70, 130))
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 10))
+
+
+def test_torch_compile_fullgraph():
+    model = pysparse.quantize_int8(_mlp())
+    x = torch.randn(3, 64)
+    compiled = torch.compile(model, fullgraph=True)
+    # inductor may fuse the ReLU differently, but never changes our op's result
+    torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
+def test_torch_export():
+    model = pysparse.quantize_int8(_mlp())
+    x = torch.randn(3, 64)
+    ep = torch.export.export(model, (x,))
+    assert any("pysparse.int8_linear" in str(n.target) for n in ep.graph.nodes)
+    assert torch.equal(ep.module()(x), model(x))
+
+
+# ---------------------------------------------------------------- module behaviour
+def test_state_dict_roundtrip_and_repr():
+    lin = nn.Linear(200, 70)
+    m = Int8Linear.from_float(lin, group_size=64)
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    m2 = Int8Linear(200, 70, group_size=64)
+    m2.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    x = torch.randn(3, 200)
+    assert torch.equal(m(x), m2(x))
+    assert "kernel=cpu-" in repr(m)
+    with pytest.raises(RuntimeError, match="weight_int8"):
+        Int8Linear(201, 70).load_state_dict(m.state_dict())
+
+
+def test_half_keeps_scales_float32():
+    m = Int8Linear.from_float(nn.Linear(64, 32)).half()
+    assert m.w_scale.dtype == torch.float32 and m.bias.dtype == torch.float32
+    assert m(torch.randn(2, 64).half()).dtype == torch.float16
+
+
+def test_dequantized_weight_close():
+    lin = nn.Linear(300, 50)
+    w = Int8Linear.from_float(lin).dequantized_weight()
+    # per-channel int8: error at most half a step (amax / 254) per element
+    step = lin.weight.abs().amax(dim=1, keepdim=True) / 127
+    assert bool(((w - lin.weight).abs() <= step / 2 + 1e-7).all())
+
+
+def test_threads_respected():
+    m = Int8Linear.from_float(nn.Linear(256, 256))
+    x = torch.randn(64, 256)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = m(x)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(y1, m(x))
+
+
+# ---------------------------------------------------------------- bad input
+def test_nan_inf_propagate_per_row(isa):
+    m = Int8Linear.from_float(nn.Linear(64, 16))
+    x = torch.randn(4, 64)
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    y = m(x)
+    assert torch.isnan(y[1]).all() and torch.isnan(y[2]).all()
+    assert torch.isfinite(y[0]).all() and torch.isfinite(y[3]).all()
+    q, s = R.quantize_weight(m.dequantized_weight())
+    assert torch.equal(y.isnan(), R.int8_linear(x, *m.weight_int8(), m.bias).isnan())
+
+
+@pytest.mark.parametrize("x,match", [
+    (torch.randn(3, 63), "in_features=64"),
+    (torch.randn(3, 64).double(), "float32, bfloat16 or float16"),
+    (torch.randint(0, 5, (3, 64)), "float32, bfloat16 or float16"),
+    (torch.tensor(1.0), "in_features"),
+])
+def test_bad_input_messages(x, match):
+    m = Int8Linear.from_float(nn.Linear(64, 16))
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        m(x)
+
+
+def test_bad_device():
+    m = Int8Linear.from_float(nn.Linear(64, 16))
+    with pytest.raises((ValueError, RuntimeError, NotImplementedError)):
+        m(torch.randn(3, 64, device="meta").to("meta"))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="group_size"):
+        Int8Linear.from_float(nn.Linear(64, 16), group_size=32)
+    with pytest.raises(ValueError, match="x_scale"):
+        Int8Linear.from_float(nn.Linear(64, 16), activations="static")
+    lin = nn.Linear(64, 16)
+    lin.weight.data[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        Int8Linear.from_float(lin)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        Int8Linear.from_float(nn.Conv2d(3, 3, 1))
+    p, c = ops.int8_pack(rand_i8(16, 64))
+    with pytest.raises(ValueError, match="packed for another layer"):
+        ops.int8_mm(rand_i8(2, 200), p, c, 16, 200)
+    with pytest.raises(ValueError, match="int8"):
+        ops.int8_mm(torch.randn(2, 64), p, c, 16, 64)
+
+
+def test_bad_isa_env(monkeypatch):
+    monkeypatch.setenv("PYSPARSE_CPU_ISA", "sse9")
+    m = Int8Linear.from_float(nn.Linear(64, 16))
+    with pytest.raises(ValueError, match="PYSPARSE_CPU_ISA"):
+        m(torch.randn(2, 64))
+
+
+def test_cpu_info():
+    info = pysparse.cpu_info()
+    assert info["selected_isa"] in ("scalar", "avx2", "avx512", "amx")
+    assert info["ops"]["int8_linear"] == f"cpu-{info['selected_isa']}"
+    if info["features"]["avx512_vnni"] and info["features"]["avx512bw"]:
+        assert info["best_isa"] in ("avx512", "amx")
