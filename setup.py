@@ -17,6 +17,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 COMMON = ["-O3", "-std=c++20", "-ffp-contract=off", "-fno-math-errno"]
 ISA_SOURCES = {
     "csrc/cpu/int8_linear_scalar.cpp": [],
+    "csrc/cpu/bsr_linear_scalar.cpp": [],
+    "csrc/cpu/bsr_linear_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
+    "csrc/cpu/bsr_linear_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
+                                       "-mavx2", "-mfma", "-mf16c"],
     "csrc/cpu/int8_linear_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
     "csrc/cpu/int8_linear_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
                                         "-mavx2", "-mfma", "-mf16c"],
@@ -40,7 +44,7 @@ class BuildWithIsaUnits(BuildExtension):
 
 ext = CppExtension(
     "pysparse._C",
-    sources=["csrc/ops/registry.cpp", "csrc/ops/int8_linear.cpp", "csrc/cpu/cpu_features.cpp"],
+    sources=["csrc/ops/registry.cpp", "csrc/ops/int8_linear.cpp", "csrc/ops/bsr_linear.cpp", "csrc/cpu/cpu_features.cpp"],
     include_dirs=[os.path.join(ROOT, "csrc")],
     # -fopenmp: this torch's at::parallel_for is OpenMP, inlined from headers; without the
     # flag it silently runs on one thread (measured: cpu/wall 0.99 with 2 threads set).

@@ -1,6 +1,6 @@
 """pysparse: kernels that turn compressed neural networks into speed.
 
-Public API: ``quantize_int8`` (model conversion), ``pysparse.nn`` (the layers),
+Public API: ``quantize_int8`` and ``sparsify`` (model conversion), ``prune``, ``pysparse.nn`` (the layers),
 ``cpu_info`` (what this CPU has and which kernel each op uses), and the ops in the
 ``torch.ops.pysparse`` namespace (see pysparse.ops), with pure-PyTorch references in
 ``pysparse.reference``.
@@ -13,7 +13,9 @@ import torch
 
 from . import ops, reference
 from . import nn
+from . import prune
 from .quantize import quantize_int8
+from .sparsify import plan_report, sparsify
 
 __version__ = "0.1.0"
 
@@ -34,8 +36,11 @@ def cpu_info() -> dict:
         "selected_isa": sel,
         "env_cap": os.environ.get("PYSPARSE_CPU_ISA"),
         "threads": torch.get_num_threads(),
-        "ops": {"int8_linear": f"cpu-{sel}", "int8_mm": f"cpu-{sel}"},
+        "ops": {"int8_linear": f"cpu-{sel}", "int8_mm": f"cpu-{sel}",
+                "bsr_linear": f"cpu-{'avx512' if sel == 'amx' else sel}",
+                # int8 blocks: the VNNI kernel (AMX machines too); below AVX-512 the scalar one
+                "bsr_int8_linear": "cpu-avx512" if sel in ("avx512", "amx") else "cpu-scalar"},
     }
 
 
-__all__ = ["quantize_int8", "cpu_info", "nn", "ops", "reference"]
+__all__ = ["quantize_int8", "sparsify", "plan_report", "prune", "cpu_info", "nn", "ops", "reference"]

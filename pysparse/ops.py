@@ -101,3 +101,73 @@ def kernel_for(device: torch.device) -> str:
     if device.type == "cuda":
         return "triton"
     return "none"
+
+
+# ------------------------------------------------------------------ block-sparse
+@torch.library.register_fake("pysparse::bsr_linear")
+def _bsr_linear_fake(x, values, row_ptr, col_idx, bias, N: int, K: int, relu: bool = False):
+    _same_device("bsr_linear", x=x, values=values)
+    torch._check(x.dim() >= 1 and x.shape[-1] == K, lambda: f"bsr_linear: x must have last dimension {K}")
+    return x.new_empty((*x.shape[:-1], N))
+
+
+@torch.library.register_fake("pysparse::bsr_int8_linear")
+def _bsr_int8_linear_fake(x, values, row_ptr, col_idx, colsum, w_scale, bias, x_scale, N: int, K: int,
+                          relu: bool = False):
+    _same_device("bsr_int8_linear", x=x, values=values)
+    torch._check(x.dim() >= 1 and x.shape[-1] == K, lambda: f"bsr_int8_linear: x must have last dimension {K}")
+    return x.new_empty((*x.shape[:-1], N))
+
+
+def _bsr_dense_weight(values, row_ptr, col_idx, N: int, K: int) -> torch.Tensor:
+    from .formats import BsrLayout, bsr_f32_to_dense
+
+    return bsr_f32_to_dense(values, BsrLayout(N, K, values.shape[2], values.shape[1], row_ptr, col_idx))
+
+
+def _bsr_setup_context(ctx, inputs, output):
+    x, values, row_ptr, col_idx, bias, N, K, relu = inputs
+    ctx.save_for_backward(x, values, row_ptr, col_idx, output if relu else None)
+    ctx.N, ctx.K, ctx.relu, ctx.has_bias = N, K, relu, bias is not None
+
+
+def _bsr_backward(ctx, grad):
+    # Gradients for fine-tuning with a fixed pattern: only stored blocks get gradients.
+    # Computed with dense PyTorch ops on the reconstructed weight (correct, not fast:
+    # a transposed block-sparse kernel is the next step when training speed matters).
+    x, values, row_ptr, col_idx, out = ctx.saved_tensors
+    if ctx.relu:
+        grad = grad * (out > 0).to(grad.dtype)
+    g2 = grad.reshape(-1, ctx.N).float()
+    x2 = x.reshape(-1, ctx.K).float()
+    gx = gv = gb = None
+    if ctx.needs_input_grad[0]:
+        w = _bsr_dense_weight(values.detach(), row_ptr, col_idx, ctx.N, ctx.K)
+        gx = (g2 @ w).to(x.dtype).reshape(x.shape)
+    if ctx.needs_input_grad[1]:
+        from .formats import _blocks
+        bn, bk = values.shape[2], values.shape[1]
+        gw = _blocks(g2.T @ x2, bn, bk)  # [R, KB, bn, bk]
+        R = gw.shape[0]
+        rows = torch.repeat_interleave(torch.arange(R), (row_ptr[1:] - row_ptr[:-1]).long())
+        gv = gw[rows, col_idx.long()].transpose(1, 2).contiguous()
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        gb = g2.sum(0)
+    return gx, gv, None, None, gb, None, None, None
+
+
+torch.library.register_autograd("pysparse::bsr_linear", _bsr_backward, setup_context=_bsr_setup_context)
+
+
+def bsr_linear(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+               bias: Optional[torch.Tensor], N: int, K: int, relu: bool = False) -> torch.Tensor:
+    """Block-sparse linear, fp32 blocks values [nnzb, bk, bn]: x [..., K] -> [..., N] (x's dtype)."""
+    return torch.ops.pysparse.bsr_linear(x, values, row_ptr, col_idx, bias, N, K, relu)
+
+
+def bsr_int8_linear(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                    colsum: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                    x_scale: Optional[torch.Tensor], N: int, K: int, relu: bool = False) -> torch.Tensor:
+    """Block-sparse int8 linear (64x64 int8 blocks, per-channel scales, dynamic or static x)."""
+    return torch.ops.pysparse.bsr_int8_linear(x, values, row_ptr, col_idx, colsum, w_scale, bias, x_scale, N, K,
+                                              relu)

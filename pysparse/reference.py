@@ -85,3 +85,26 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def bsr_linear(x: torch.Tensor, w_dense: torch.Tensor, bias: Optional[torch.Tensor], relu: bool = False) -> torch.Tensor:
+    """Reference of pysparse::bsr_linear from the dense (masked) weight, in float64."""
+    y = x.double() @ w_dense.double().T
+    if bias is not None:
+        y = y + bias.double()
+    if relu:
+        y = torch.relu(y)
+    return y.to(x.dtype)
+
+
+def bsr_int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                    x_scale: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
+    """Reference of pysparse::bsr_int8_linear: the int8 linear of the (masked) int8 weight.
+
+    w_scale [N, 1]. Same float operation order as the kernel's epilogue:
+    ((float(acc) * w_scale) * x_scale) + bias, then ReLU.
+    """
+    y = int8_linear(x.float(), w_q, w_scale, bias)
+    if relu:
+        y = torch.relu(y)
+    return y.to(x.dtype)

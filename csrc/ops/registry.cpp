@@ -16,6 +16,14 @@ TORCH_LIBRARY(pysparse, m) {
   m.def(
       "int8_linear(Tensor x, Tensor packed, Tensor colsum, Tensor w_scale, Tensor? bias, "
       "Tensor? x_scale, int N, int K) -> Tensor");
+  // Block-sparse (BSR) linear, fp32 values [nnzb, bk, bn]: y = x @ W^T + bias (ReLU fused).
+  m.def(
+      "bsr_linear(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? bias, int N, int K, "
+      "bool relu=False) -> Tensor");
+  // Block-sparse int8: 64x64 blocks in the int8 packed layout [nnzb, 4096], per-channel scales.
+  m.def(
+      "bsr_int8_linear(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor colsum, "
+      "Tensor w_scale, Tensor? bias, Tensor? x_scale, int N, int K, bool relu=False) -> Tensor");
 }
 
 namespace {

@@ -1,4 +1,5 @@
 """Drop-in layers whose kernels turn compression into speed."""
+from .block_sparse_linear import BlockSparseLinear
 from .int8_linear import Int8Linear
 
-__all__ = ["Int8Linear"]
+__all__ = ["Int8Linear", "BlockSparseLinear"]

@@ -1,0 +1,48 @@
+// Raw-pointer block-sparse (BSR) linear kernels: y = x @ W^T (+ bias, ReLU) where W [N, K]
+// is stored as blocks of bn output channels x bk input channels, only the nonzero ones.
+// No ATen here (see int8_linear.h for why the ISA units stay free of torch headers).
+#pragma once
+#include <cstdint>
+
+#include "int8_linear.h"
+
+namespace pysparse {
+namespace cpu {
+
+// fp32 BSR: block row r (outputs r*bn .. r*bn+bn) owns blocks row_ptr[r] .. row_ptr[r+1];
+// block j covers inputs col_idx[j]*bk .. +bk and stores values[j][k][n] (k-major, so one
+// k gives bn contiguous outputs: one to four zmm loads).
+struct BsrF32Args {
+  const float* x;  // [M][ldx], K valid columns
+  int64_t M, N, K, ldx;
+  int64_t bn, bk;  // bn in {16, 32, 64}
+  const int32_t* row_ptr;
+  const int32_t* col_idx;
+  const float* values;  // [nnzb][bk][bn]
+  const float* bias;    // [N] or nullptr
+  bool relu;
+  float* out;  // [M][ldo]
+  int64_t ldo;
+};
+// Block rows [r0, r1), all M rows. Single-threaded.
+void bsr_f32_scalar(const BsrF32Args& g, int64_t r0, int64_t r1);
+void bsr_f32_avx2(const BsrF32Args& g, int64_t r0, int64_t r1);
+void bsr_f32_avx512(const BsrF32Args& g, int64_t r0, int64_t r1);
+
+// int8 BSR: blocks of 64 outputs x 64 inputs, each stored in the dense int8 kernels'
+// layout ([4 column blocks][16 k-groups][16 columns][4 k] = 4096 bytes), so the same
+// VPDPBUSD inner loop runs over a block. Activations come quantized (GemmArgs.a, padded
+// to Kp = round_up(K, 64)); colsum is the column sum over the stored blocks only.
+constexpr int64_t kBsrI8Block = 64;
+struct BsrI8Args {
+  GemmArgs g;  // a, M, Mp, N, Np, Kp, colsum [1][Np], a_scale, w_scale [1][Np], bias, out
+  const int32_t* row_ptr;
+  const int32_t* col_idx;
+  const int8_t* values;  // [nnzb][4096]
+  bool relu;
+};
+void bsr_i8_scalar(const BsrI8Args& g, int64_t r0, int64_t r1, int32_t* cbuf, float* fbuf);
+void bsr_i8_avx512(const BsrI8Args& g, int64_t r0, int64_t r1, int32_t* cbuf, float* fbuf);
+
+}  // namespace cpu
+}  // namespace pysparse

@@ -1,0 +1,186 @@
+// ATen wrappers of the block-sparse ops on CPU: input checks, activation quantization
+// (int8), and threads balanced by each block row's work, not by row count: a pruned
+// layer's block rows hold very different numbers of nonzero blocks.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../cpu/bsr_linear.h"
+
+namespace pysparse {
+namespace {
+
+using at::Tensor;
+using cpu::Isa;
+
+Isa isa_now() {
+  try {
+    return cpu::selected_isa();
+  } catch (const std::exception& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
+
+// Split block rows [0, R) into one contiguous range per thread with equal work, work of a
+// row = its nonzero blocks * bk + a fixed epilogue cost (bn).
+template <class F>
+void parallel_rows(const int32_t* row_ptr, int64_t R, int64_t bk, int64_t bn, F&& f) {
+  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), R));
+  const int64_t total = int64_t(row_ptr[R] - row_ptr[0]) * bk + R * bn;
+  std::vector<int64_t> cut(T + 1, R);
+  cut[0] = 0;
+  int64_t acc = 0, t = 1;
+  for (int64_t r = 0; r < R && t < T; ++r) {
+    acc += int64_t(row_ptr[r + 1] - row_ptr[r]) * bk + bn;
+    while (t < T && acc * T >= total * t) cut[t++] = r + 1;
+  }
+  at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i)
+      if (cut[i] < cut[i + 1]) f(cut[i], cut[i + 1]);
+  });
+}
+
+void check_bsr(const Tensor& row_ptr, const Tensor& col_idx, int64_t nnzb, int64_t R, int64_t KB,
+               const char* op) {
+  TORCH_CHECK_VALUE(row_ptr.scalar_type() == at::kInt && row_ptr.dim() == 1 && row_ptr.is_contiguous() &&
+                        row_ptr.size(0) == R + 1 && row_ptr.device().is_cpu(),
+                    op, ": row_ptr must be a contiguous int32 CPU tensor of shape [", R + 1, "], got ",
+                    row_ptr.scalar_type(), " ", row_ptr.sizes());
+  TORCH_CHECK_VALUE(col_idx.scalar_type() == at::kInt && col_idx.dim() == 1 && col_idx.is_contiguous() &&
+                        col_idx.size(0) == nnzb && col_idx.device().is_cpu(),
+                    op, ": col_idx must be a contiguous int32 CPU tensor of shape [", nnzb, "], got ",
+                    col_idx.scalar_type(), " ", col_idx.sizes());
+  // The kernels index with these: validate once per call (O(R + nnzb), tiny next to the
+  // GEMM) so corrupt metadata is an error, never an out-of-bounds read.
+  const int32_t* rp = row_ptr.data_ptr<int32_t>();
+  const int32_t* ci = col_idx.data_ptr<int32_t>();
+  TORCH_CHECK_VALUE(rp[0] == 0 && rp[R] == nnzb, op, ": row_ptr must start at 0 and end at ", nnzb);
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK_VALUE(rp[r] <= rp[r + 1], op, ": row_ptr must be non-decreasing");
+  for (int64_t j = 0; j < nnzb; ++j)
+    TORCH_CHECK_VALUE(ci[j] >= 0 && ci[j] < KB, op, ": col_idx[", j, "]=", ci[j], " is outside [0, ", KB, ")");
+}
+
+Tensor bsr_linear(const Tensor& x, const Tensor& values, const Tensor& row_ptr, const Tensor& col_idx,
+                  const std::optional<Tensor>& bias, int64_t N, int64_t K, bool relu) {
+  TORCH_CHECK_VALUE(values.scalar_type() == at::kFloat && values.dim() == 3 && values.is_contiguous() &&
+                        values.device().is_cpu(),
+                    "bsr_linear: values must be a contiguous float32 CPU tensor [nnzb, bk, bn], got ",
+                    values.scalar_type(), " ", values.sizes());
+  const int64_t nnzb = values.size(0), bk = values.size(1), bn = values.size(2);
+  TORCH_CHECK_VALUE(bn == 16 || bn == 32 || bn == 64, "bsr_linear: block bn must be 16, 32 or 64, got ", bn);
+  TORCH_CHECK_VALUE(bk >= 1, "bsr_linear: block bk must be >= 1");
+  TORCH_CHECK_VALUE(N >= 0 && K >= 0, "bsr_linear: N, K must be >= 0");
+  const int64_t R = (N + bn - 1) / bn, KB = (K + bk - 1) / bk;
+  check_bsr(row_ptr, col_idx, nnzb, R, KB, "bsr_linear");
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "bsr_linear: x must be on the CPU, got ", x.device());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+                    "bsr_linear: x must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, "bsr_linear: x must have last dimension in_features=", K,
+                    ", got shape ", x.sizes());
+  if (bias)
+    TORCH_CHECK_VALUE(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N &&
+                          bias->device().is_cpu() && bias->is_contiguous(),
+                      "bsr_linear: bias must be a contiguous float32 CPU tensor [", N, "]");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  int64_t M = 1;
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) M *= x.size(i);
+  Tensor out = at::empty(shape, x.options().dtype(at::kFloat));
+  if (out.numel() > 0) {
+    Tensor x2 = x.reshape({M, K}).to(at::kFloat);
+    if (x2.stride(1) != 1 && K > 0) x2 = x2.contiguous();
+    cpu::BsrF32Args g{x2.data_ptr<float>(), M, N, K, K ? x2.stride(0) : 0, bn, bk,
+                      row_ptr.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), values.data_ptr<float>(),
+                      bias ? bias->data_ptr<float>() : nullptr, relu, out.data_ptr<float>(), N};
+    const Isa isa = isa_now();
+    auto fn = isa >= Isa::Avx512 ? cpu::bsr_f32_avx512 : isa == Isa::Avx2 ? cpu::bsr_f32_avx2 : cpu::bsr_f32_scalar;
+    parallel_rows(g.row_ptr, R, bk, bn, [&](int64_t r0, int64_t r1) { fn(g, r0, r1); });
+  }
+  return dt == at::kFloat ? out : out.to(dt);
+}
+
+Tensor bsr_int8_linear(const Tensor& x, const Tensor& values, const Tensor& row_ptr, const Tensor& col_idx,
+                       const Tensor& colsum, const Tensor& w_scale, const std::optional<Tensor>& bias,
+                       const std::optional<Tensor>& x_scale, int64_t N, int64_t K, bool relu) {
+  constexpr int64_t B = cpu::kBsrI8Block;
+  TORCH_CHECK_VALUE(values.scalar_type() == at::kChar && values.dim() == 2 && values.size(1) == B * B &&
+                        values.is_contiguous() && values.device().is_cpu(),
+                    "bsr_int8_linear: values must be a contiguous int8 CPU tensor [nnzb, 4096], got ",
+                    values.scalar_type(), " ", values.sizes());
+  TORCH_CHECK_VALUE(N >= 0 && K >= 0, "bsr_int8_linear: N, K must be >= 0");
+  const int64_t nnzb = values.size(0), R = (N + B - 1) / B, KB = (K + B - 1) / B;
+  const int64_t Np = R * B, Kp = std::max<int64_t>(KB, 1) * B;
+  check_bsr(row_ptr, col_idx, nnzb, R, KB, "bsr_int8_linear");
+  for (const auto& [t, name] : {std::pair{&colsum, "colsum"}, std::pair{&w_scale, "w_scale"}})
+    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == 1 && t->size(1) == Np && t->is_contiguous() &&
+                          t->scalar_type() == (t == &colsum ? at::kInt : at::kFloat),
+                      "bsr_int8_linear: ", name, " must be a contiguous [1, ", Np, "] ",
+                      t == &colsum ? "int32" : "float32", " tensor, got ", t->scalar_type(), " ", t->sizes());
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "bsr_int8_linear: x must be on the CPU, got ", x.device());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+                    "bsr_int8_linear: x must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, "bsr_int8_linear: x must have last dimension in_features=",
+                    K, ", got shape ", x.sizes());
+  if (bias)
+    TORCH_CHECK_VALUE(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N &&
+                          bias->device().is_cpu() && bias->is_contiguous(),
+                      "bsr_int8_linear: bias must be a contiguous float32 CPU tensor [", N, "]");
+  float static_scale = 0.f;
+  if (x_scale) {
+    TORCH_CHECK_VALUE(x_scale->numel() == 1 && x_scale->scalar_type() == at::kFloat,
+                      "bsr_int8_linear: x_scale must be a one-element float32 tensor");
+    static_scale = x_scale->item<float>();
+    TORCH_CHECK_VALUE(std::isfinite(static_scale) && static_scale > 0.f,
+                      "bsr_int8_linear: x_scale must be finite and > 0, got ", static_scale);
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  Tensor out = at::empty(shape, x.options());
+  if (out.numel() == 0) return out;
+  if (K == 0) {
+    if (bias) out.copy_(relu ? bias->relu().expand(shape) : bias->expand(shape)); else out.zero_();
+    return out;
+  }
+  const int64_t M = x.numel() / K;
+  Tensor x2 = x.reshape({M, K});
+  if (x2.stride(1) != 1) x2 = x2.contiguous();
+  const Isa isa = isa_now();
+  const bool vnni = isa >= Isa::Avx512;  // AMX machines run the VNNI block kernel too
+  Tensor ap = at::empty({M, Kp}, x.options().dtype(at::kChar));
+  Tensor a_scale = at::empty({M}, x.options().dtype(at::kFloat));
+  const cpu::InType in_t = dt == at::kFloat ? cpu::InType::F32 : dt == at::kBFloat16 ? cpu::InType::BF16
+                                                                                    : cpu::InType::F16;
+  auto qf = vnni ? cpu::quantize_rows_avx512 : isa == Isa::Avx2 ? cpu::quantize_rows_avx2 : cpu::quantize_rows_scalar;
+  const void* xp = x2.data_ptr();
+  const int64_t ldx = x2.stride(0);
+  int8_t* app = ap.data_ptr<int8_t>();
+  float* asp = a_scale.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
+    qf(xp, in_t, ldx, K, Kp, m0, m1, static_scale, vnni, app, asp);
+  });
+  const cpu::OutType ot = dt == at::kFloat ? cpu::OutType::F32 : dt == at::kBFloat16 ? cpu::OutType::BF16
+                                                                                     : cpu::OutType::F16;
+  cpu::BsrI8Args b{{app, M, M, N, Np, Kp, nullptr, colsum.data_ptr<int32_t>(), asp, w_scale.data_ptr<float>(),
+                    Kp, bias ? bias->data_ptr<float>() : nullptr, out.data_ptr(), N, ot},
+                   row_ptr.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), values.data_ptr<int8_t>(), relu};
+  auto fn = vnni ? cpu::bsr_i8_avx512 : cpu::bsr_i8_scalar;
+  parallel_rows(b.row_ptr, R, B, B, [&](int64_t r0, int64_t r1) {
+    alignas(64) int32_t cbuf[6 * cpu::kPackN];
+    fn(b, r0, r1, cbuf, nullptr);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pysparse, CPU, m) {
+  m.impl("bsr_linear", &bsr_linear);
+  m.impl("bsr_int8_linear", &bsr_int8_linear);
+}
+
+}  // namespace pysparse

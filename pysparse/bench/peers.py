@@ -1,0 +1,208 @@
+"""The contenders: pysparse's layers and the alternatives a user has, each called as its
+library's users call it. Conversion happens in ``prepare`` (untimed); ``call`` is the work.
+
+Every peer listed in /work/shared/PERFORMANCE.md for linear layers is here; a contender whose
+library or op is missing reports why through ``available()`` and is skipped, never failed.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pysparse
+from pysparse.nn import Int8Linear
+
+from .registry import Case, Contender
+
+ISA_ORDER = ("scalar", "avx2", "avx512", "amx")  # pysparse's CPU paths, lowest first
+
+# Relative-error thresholds against a float64 reference, on N(0, 1) activations and
+# N(0, 1/K) weights: fp32 accumulation error is ~1e-6 at K=4096; bf16 rounds inputs to 8
+# mantissa bits (~0.4% per element, ~0.3% after summation); int8 with per-row activation and
+# per-channel weight scales lands near 1-2%, so 5% flags a wrong kernel, not rounding.
+TOL_FP32, TOL_BF16, TOL_INT8 = 1e-3, 2e-2, 5e-2
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence the deprecation notices of torch.ao.quantization and torchao's log lines about
+    CUDA libraries it cannot load on a CPU machine: noise in a benchmark's output."""
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def make_linear(w: torch.Tensor, b: Optional[torch.Tensor]) -> nn.Linear:
+    """An nn.Linear holding ``w`` [N, K] and ``b`` [N] (no grad: benchmarks run inference)."""
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if b is not None:
+            lin.bias.copy_(b)
+    return lin.requires_grad_(False)
+
+
+def _clone_all(state: tuple) -> tuple:
+    return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in state)
+
+
+def _int8_bytes(c: Case) -> int:
+    return c.N * c.K + 8 * c.N  # int8 weight + float32 scale and bias per output
+
+
+def _quantize_rows_int8(x: torch.Tensor) -> torch.Tensor:
+    s = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127.0
+    return (x / s).round().clamp(-127, 127).to(torch.int8)
+
+
+def cpu_isas() -> list[str]:
+    """pysparse's CPU paths this machine can run, best first (forced via PYSPARSE_CPU_ISA)."""
+    best = pysparse.cpu_info()["best_isa"]
+    return list(reversed(ISA_ORDER[: ISA_ORDER.index(best) + 1]))
+
+
+def pysparse_int8(isa: str) -> Contender:
+    """pysparse's Int8Linear (dynamic per-row int8 activations) on one CPU ISA path."""
+    return Contender(
+        name=f"pysparse-{isa}", role="ours",
+        prepare=lambda w, b: Int8Linear.from_float(make_linear(w, b)),
+        call=lambda m, x: m(x), weight_bytes=_int8_bytes, env={"PYSPARSE_CPU_ISA": isa},
+        state_key="pysparse-int8", tolerance=TOL_INT8)
+
+
+def dense(name: str = "fp32", dtype: torch.dtype = torch.float32, device: str = "cpu",
+          role: str = "peer") -> Contender:
+    """F.linear with weights and activations in ``dtype`` (fp32: MKL; bf16: oneDNN, AMX
+    where present; on CUDA, cuBLAS)."""
+    def prepare(w: torch.Tensor, b: Optional[torch.Tensor]) -> tuple:
+        return (w.to(device, dtype), None if b is None else b.to(device, dtype))
+
+    return Contender(
+        name=name, role=role, prepare=prepare, call=lambda s, x: F.linear(x, s[0], s[1]),
+        input=lambda x: x.to(device, dtype), weight_bytes=lambda c: c.N * c.K * dtype.itemsize,
+        copy=_clone_all, tolerance=TOL_FP32 if dtype == torch.float32 else TOL_BF16, device=device)
+
+
+def quantize_dynamic() -> Contender:
+    """torch.ao.quantization.quantize_dynamic on an nn.Linear (FBGEMM / oneDNN; deprecated,
+    still the fastest at small M)."""
+    def prepare(w: torch.Tensor, b: Optional[torch.Tensor]) -> nn.Module:
+        with quiet():
+            return torch.ao.quantization.quantize_dynamic(nn.Sequential(make_linear(w, b)), {nn.Linear},
+                                                          dtype=torch.qint8)
+
+    return Contender(name="quantize_dynamic", role="peer", prepare=prepare, call=lambda m, x: m(x),
+                     weight_bytes=_int8_bytes, tolerance=TOL_INT8,
+                     available=lambda: None if torch.backends.quantized.engine != "none"
+                     else "torch has no quantized engine here")
+
+
+def _torchao_missing() -> Optional[str]:
+    try:
+        with quiet():
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_  # noqa: F401
+    except Exception as e:  # ImportError, or a torchao built against another torch
+        return f"torchao unavailable ({type(e).__name__}: {e})"
+    return None
+
+
+def torchao_int8(device: str = "cpu") -> Contender:
+    """torchao quantize_(m, Int8DynamicActivationInt8WeightConfig()), eager."""
+    def prepare(w: torch.Tensor, b: Optional[torch.Tensor]) -> nn.Module:
+        with quiet():
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+            m = nn.Sequential(make_linear(w.to(device), None if b is None else b.to(device)))
+            quantize_(m, Int8DynamicActivationInt8WeightConfig())
+        return m
+
+    return Contender(name="torchao-int8", role="peer", prepare=prepare, call=lambda m, x: m(x),
+                     input=lambda x: x.to(device), weight_bytes=_int8_bytes, available=_torchao_missing,
+                     tolerance=TOL_INT8, device=device)
+
+
+def int_mm(device: str = "cpu") -> Contender:
+    """torch._int_mm: the bare s8 x s8 -> s32 GEMM on pre-quantized inputs, no scales: a bound
+    on what an int8 layer's GEMM can cost, not a layer. It needs M > 16."""
+    return Contender(
+        name="torch._int_mm", role="bound",
+        # w.t(): a [K, N] view of the [N, K] weight, the layout torchao passes (a contiguous
+        # [K, N] copy measured 4.5x slower here at M=128).
+        prepare=lambda w, b: _quantize_rows_int8(w).to(device),
+        call=lambda wq, xq: torch._int_mm(xq, wq.t()), input=lambda x: _quantize_rows_int8(x).to(device),
+        weight_bytes=lambda c: c.N * c.K, applies=lambda c: c.M > 16, copy=torch.Tensor.clone, device=device)
+
+
+def _pysparse_cuda_missing() -> Optional[str]:
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("pysparse::int8_linear", "CUDA"):
+        return "pysparse has no CUDA kernel for int8_linear registered (needs Triton)"
+    return None
+
+
+def pysparse_int8_cuda() -> Contender:
+    """pysparse's Int8Linear on the GPU (its Triton kernel)."""
+    return Contender(name="pysparse-triton", role="ours",
+                     prepare=lambda w, b: Int8Linear.from_float(make_linear(w, b)).cuda(),
+                     call=lambda m, x: m(x), input=lambda x: x.cuda(), weight_bytes=_int8_bytes,
+                     available=_pysparse_cuda_missing, tolerance=TOL_INT8, device="cuda")
+
+
+# ---- sparse ----------------------------------------------------------------------------
+
+BSR_BLOCK = 32  # the block the sparse grid prunes to and torch BSR stores (32 x 32 fp32: 4 KB)
+
+
+def torch_sparse(layout: str) -> Contender:
+    """F.linear with a torch sparse weight: layout "bsr" (blocks of 32 x 32) or "csr"."""
+    def prepare(w: torch.Tensor, b: Optional[torch.Tensor]) -> tuple:
+        with quiet():  # "sparse BSR/CSR support is in beta" on every conversion
+            ws = w.to_sparse_bsr((BSR_BLOCK, BSR_BLOCK)) if layout == "bsr" else w.to_sparse_csr()
+        return ws, b
+
+    # Bytes: the kept values (density x 4NK) plus int64 column indices, one per block (BSR)
+    # or per element (CSR).
+    per_value = 4 + (8 / BSR_BLOCK ** 2 if layout == "bsr" else 8)
+    return Contender(
+        name=f"torch-{layout}", role="peer", prepare=prepare, call=lambda s, x: F.linear(x, s[0], s[1]),
+        weight_bytes=lambda c: int(c.density * c.N * c.K * per_value), copy=_clone_all,
+        applies=lambda c: layout != "bsr" or (c.N % BSR_BLOCK == 0 and c.K % BSR_BLOCK == 0),
+        tolerance=TOL_FP32)
+
+
+# Where pysparse's block-sparse linear will appear; the first found is used.
+_BSR_OPS = ("bsr_linear", "block_sparse_linear")
+_BSR_LAYERS = ("BlockSparseLinear", "BsrLinear")
+
+
+def _pysparse_bsr_missing() -> Optional[str]:
+    if not any(hasattr(torch.ops.pysparse, op) for op in _BSR_OPS):
+        return f"torch.ops.pysparse has no block-sparse linear op yet (looked for {', '.join(_BSR_OPS)})"
+    if not any(hasattr(pysparse.nn, layer) for layer in _BSR_LAYERS):
+        return f"pysparse.nn has no block-sparse layer with from_float yet (looked for {', '.join(_BSR_LAYERS)})"
+    return None
+
+
+def pysparse_bsr() -> Contender:
+    """pysparse's block-sparse linear layer, once it exists: built with its ``from_float`` from
+    the pruned nn.Linear (the zero blocks are already zero). Adapt ``prepare`` here if the
+    layer's constructor asks for more."""
+    def prepare(w: torch.Tensor, b: Optional[torch.Tensor]) -> Any:
+        layer = next(getattr(pysparse.nn, n) for n in _BSR_LAYERS if hasattr(pysparse.nn, n))
+        return layer.from_float(make_linear(w, b))
+
+    return Contender(name="pysparse-bsr", role="ours", prepare=prepare, call=lambda m, x: m(x),
+                     weight_bytes=lambda c: int(c.density * c.N * c.K * 4), available=_pysparse_bsr_missing,
+                     tolerance=TOL_FP32 * 10)

@@ -1,0 +1,112 @@
+"""Packed weight formats, built once at conversion time.
+
+BSR (block compressed sparse row) over W [N, K]: block row r holds output channels
+r*bn .. r*bn+bn; its nonzero blocks are values[row_ptr[r]:row_ptr[r+1]], block j covering
+input channels col_idx[j]*bk .. +bk. Edge blocks are zero padded.
+- fp32: values [nnzb, bk, bn], k-major inside a block (one k = bn contiguous outputs,
+  what the CPU kernel's vector loads want).
+- int8: 64 x 64 blocks, each in the dense int8 kernels' layout (csrc/cpu/int8_linear.h):
+  values [nnzb, 4096], with per-output-channel scales and column sums.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .reference import quantize_weight
+
+INT8_BLOCK = (64, 64)  # csrc/cpu/bsr_linear.h kBsrI8Block: one 64-column VNNI chunk x one AMX K tile
+
+
+@dataclass
+class BsrLayout:
+    """Block structure of a weight: which (block row, block column) blocks are stored."""
+    N: int
+    K: int
+    bn: int
+    bk: int
+    row_ptr: torch.Tensor  # int32 [R + 1]
+    col_idx: torch.Tensor  # int32 [nnzb]
+
+    @property
+    def density(self) -> float:
+        R, KB = -(-self.N // self.bn), -(-self.K // self.bk)
+        return self.col_idx.numel() / max(R * KB, 1)
+
+
+def _blocks(w: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
+    """W [N, K] -> zero-padded blocks [R, KB, bn, bk]."""
+    N, K = w.shape
+    R, KB = -(-N // bn), -(-K // bk)
+    wp = torch.nn.functional.pad(w, (0, KB * bk - K, 0, R * bn - N))
+    return wp.reshape(R, bn, KB, bk).permute(0, 2, 1, 3)
+
+
+def block_mask(w: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
+    """Bool [R, KB]: which blocks of W hold any nonzero."""
+    return _blocks(w, bn, bk).ne(0).flatten(2).any(-1)
+
+
+def _layout(mask: torch.Tensor, N: int, K: int, bn: int, bk: int) -> BsrLayout:
+    counts = mask.sum(1)
+    row_ptr = torch.zeros(mask.shape[0] + 1, dtype=torch.int32)
+    row_ptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    col_idx = mask.nonzero()[:, 1].to(torch.int32).contiguous()
+    return BsrLayout(N, K, bn, bk, row_ptr, col_idx)
+
+
+def pack_bsr_f32(w: torch.Tensor, bn: int, bk: int) -> tuple[torch.Tensor, BsrLayout]:
+    """W [N, K] (zeros where pruned) -> (values float32 [nnzb, bk, bn], layout)."""
+    w = w.detach().float().cpu()
+    N, K = w.shape
+    blocks = _blocks(w, bn, bk)
+    mask = blocks.ne(0).flatten(2).any(-1)
+    values = blocks[mask].transpose(1, 2).contiguous()  # [nnzb, bk, bn]
+    return values, _layout(mask, N, K, bn, bk)
+
+
+def bsr_f32_to_dense(values: torch.Tensor, layout: BsrLayout) -> torch.Tensor:
+    """Inverse of pack_bsr_f32: the dense weight [N, K] (differentiable in values)."""
+    R, KB = -(-layout.N // layout.bn), -(-layout.K // layout.bk)
+    rows = torch.repeat_interleave(torch.arange(R), (layout.row_ptr[1:] - layout.row_ptr[:-1]).long())
+    dense = values.new_zeros(R * KB, layout.bn, layout.bk)
+    dense = dense.index_put((rows * KB + layout.col_idx.long(),), values.transpose(1, 2))
+    dense = dense.reshape(R, KB, layout.bn, layout.bk).permute(0, 2, 1, 3).reshape(R * layout.bn, KB * layout.bk)
+    return dense[: layout.N, : layout.K]
+
+
+@dataclass
+class BsrInt8:
+    values: torch.Tensor   # int8 [nnzb, 4096]
+    layout: BsrLayout
+    colsum: torch.Tensor   # int32 [1, Np]
+    w_scale: torch.Tensor  # float32 [1, Np]
+    q: torch.Tensor        # int8 [N, K], the quantized weight (for references and state dicts)
+
+
+def pack_bsr_int8(w: torch.Tensor, q: Optional[torch.Tensor] = None,
+                  scale: Optional[torch.Tensor] = None) -> BsrInt8:
+    """W [N, K] (zeros where pruned) -> int8 BSR with per-output-channel scales.
+
+    The block structure is taken from W's zeros; q/scale, if given, are the already
+    quantized weight (a block whose values all quantize to 0 is still stored, so the
+    structure is that of the float weight).
+    """
+    w = w.detach().float().cpu()
+    N, K = w.shape
+    bn, bk = INT8_BLOCK
+    if q is None:
+        q, scale = quantize_weight(w)
+    mask = block_mask(w, bn, bk)
+    layout = _layout(mask, N, K, bn, bk)
+    qb = _blocks(q, bn, bk)[mask]  # [nnzb, 64 n, 64 k]
+    # [n][k] -> [4 column blocks][16 k-groups][16 columns][4 k]
+    values = qb.reshape(-1, 4, 16, 16, 4).permute(0, 1, 3, 2, 4).reshape(-1, bn * bk).contiguous()
+    Np = -(-N // bn) * bn
+    colsum = torch.zeros(1, Np, dtype=torch.int32)
+    colsum[0, :N] = q.sum(1, dtype=torch.int32)
+    w_scale = torch.ones(1, Np)
+    w_scale[0, :N] = scale[:, 0]
+    return BsrInt8(values, layout, colsum, w_scale, q)

@@ -1,0 +1,179 @@
+"""BlockSparseLinear: an nn.Linear whose pruned (all-zero) weight blocks are skipped."""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import formats, ops
+from ..prune import DEFAULT_BLOCK
+from .int8_linear import Int8Linear
+
+FORMATS = ("bsr", "bsr-int8", "dense", "dense-int8")
+
+
+def _median_ms(fn, x, reps: int = 5) -> float:
+    fn(x)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn(x)
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return ts[len(ts) // 2] * 1e3
+
+
+class BlockSparseLinear(nn.Module):
+    """y = x @ W^T + b (optionally ReLU) with W stored as nonzero blocks only.
+
+    Build with ``from_dense(linear)`` from a weight whose pruned blocks are zero (see
+    ``pysparse.prune.block_magnitude``). The format is chosen once, at conversion: with
+    ``dispatch="auto"`` the sparse kernel and the dense one are timed on this machine for
+    the layer's shape, and the faster is kept, so conversion never makes a layer slower.
+    The choice (and the timings) show in ``repr`` and in ``pysparse.plan_report``.
+
+    fp32 blocks ("bsr") are trainable with the pattern fixed (gradients flow to the stored
+    blocks, the bias and the input); int8 blocks ("bsr-int8") are inference only.
+    Input x [..., in_features] float32/bfloat16/float16; output in x's dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, fmt: str, block: tuple[int, int],
+                 activation: Optional[str] = None) -> None:
+        super().__init__()
+        if fmt not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        if activation not in (None, "relu"):
+            raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.format, self.block, self.activation = fmt, tuple(block), activation
+        self.density = 1.0
+        self.timings: dict[str, float] = {}
+        self.dense: Optional[nn.Module] = None
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, block: Optional[tuple[int, int]] = None,
+                   dtype: Optional[torch.dtype] = None, *, activation: Optional[str] = None,
+                   dispatch: str = "auto", probe_m: tuple[int, ...] = (1, 128)) -> "BlockSparseLinear":
+        """Convert an nn.Linear whose weight already holds zero blocks.
+
+        block: (bn, bk) for fp32 blocks; None picks the CPU kernel's block (64, 32).
+        int8 always uses 64 x 64 blocks (one VNNI column chunk x one AMX K tile).
+        dtype: None/torch.float32 for fp32 blocks, torch.int8 for int8 blocks (weights
+        per output channel, activations quantized per row at run time).
+        dispatch: "auto" (time sparse vs dense at M in ``probe_m``, keep the faster),
+        "sparse" or "dense" to force one.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        if dtype not in (None, torch.float32, torch.int8):
+            raise ValueError(f"dtype must be None, torch.float32 or torch.int8 on the CPU, got {dtype} "
+                             "(bf16/fp16 blocks run on the GPU kernel)")
+        if dispatch not in ("auto", "sparse", "dense"):
+            raise ValueError(f"dispatch must be 'auto', 'sparse' or 'dense', got {dispatch!r}")
+        w = linear.weight.detach().float().cpu()
+        if not torch.isfinite(w).all():
+            raise ValueError("linear.weight holds NaN or Inf")
+        int8 = dtype == torch.int8
+        if int8:
+            if block is not None and tuple(block) != formats.INT8_BLOCK:
+                raise ValueError(f"int8 blocks are {formats.INT8_BLOCK}, got block={block}")
+            block = formats.INT8_BLOCK
+        block = tuple(block or DEFAULT_BLOCK)
+        if not int8 and (len(block) != 2 or block[0] not in (16, 32, 64) or block[1] < 1):
+            raise ValueError(f"block must be (bn, bk) with bn in 16, 32, 64 and bk >= 1, got {block}")
+        N, K = w.shape
+        bias = None if linear.bias is None else linear.bias.detach().float().cpu()
+        sparse = cls(K, N, "bsr-int8" if int8 else "bsr", block, activation)
+        sparse._build_sparse(w, bias)
+        if dispatch == "sparse":
+            return sparse
+        dense = cls(K, N, "dense-int8" if int8 else "dense", block, activation)
+        dense.density = sparse.density
+        dense._build_dense(w, bias)
+        if dispatch == "dense":
+            return dense
+        with torch.no_grad():
+            t_s = t_d = 0.0
+            for m in probe_m:
+                x = torch.randn(m, K)
+                t_s += _median_ms(sparse, x)
+                t_d += _median_ms(dense, x)
+        keep = sparse if t_s <= t_d else dense
+        keep.timings = {"sparse_ms": t_s, "dense_ms": t_d, "probe_m": list(probe_m)}
+        return keep
+
+    def _build_sparse(self, w: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        if self.format == "bsr":
+            values, layout = formats.pack_bsr_f32(w, *self.block)
+            self.values = nn.Parameter(values)
+        else:
+            p = formats.pack_bsr_int8(w)
+            layout = p.layout
+            self.register_buffer("values", p.values)
+            self.register_buffer("colsum", p.colsum)
+            self.register_buffer("w_scale", p.w_scale)
+        self.register_buffer("row_ptr", layout.row_ptr)
+        self.register_buffer("col_idx", layout.col_idx)
+        self.density = layout.density
+        self.bias = nn.Parameter(bias) if (bias is not None and self.format == "bsr") else None
+        if bias is not None and self.format != "bsr":
+            self.register_buffer("bias_f32", bias)
+
+    def _build_dense(self, w: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        lin = nn.Linear(self.in_features, self.out_features, bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if bias is not None:
+                lin.bias.copy_(bias)
+        self.dense = Int8Linear.from_float(lin) if self.format == "dense-int8" else lin
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight this layer computes with, as a dense float32 [N, K]."""
+        if self.dense is not None:
+            return self.dense.dequantized_weight() if isinstance(self.dense, Int8Linear) else self.dense.weight.detach()
+        if self.format == "bsr":
+            return ops._bsr_dense_weight(self.values.detach(), self.row_ptr, self.col_idx, self.out_features,
+                                         self.in_features)
+        from ..formats import INT8_BLOCK, BsrLayout, _blocks  # noqa: F401
+        dense = torch.zeros(self.out_features, self.in_features)
+        R = self.row_ptr.numel() - 1
+        rows = torch.repeat_interleave(torch.arange(R), (self.row_ptr[1:] - self.row_ptr[:-1]).long())
+        blk = self.values.reshape(-1, 4, 16, 16, 4).permute(0, 1, 3, 2, 4).reshape(-1, 64, 64).float()
+        for j in range(blk.shape[0]):
+            n0, k0 = int(rows[j]) * 64, int(self.col_idx[j]) * 64
+            n1, k1 = min(n0 + 64, self.out_features), min(k0 + 64, self.in_features)
+            dense[n0:n1, k0:k1] = blk[j, : n1 - n0, : k1 - k0]
+        return dense * self.w_scale[0, : self.out_features, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        relu = self.activation == "relu"
+        if self.dense is not None:
+            y = self.dense(x)
+            return torch.relu(y) if relu else y
+        N, K = self.out_features, self.in_features
+        if self.format == "bsr":
+            return torch.ops.pysparse.bsr_linear(x, self.values, self.row_ptr, self.col_idx, self.bias, N, K, relu)
+        return torch.ops.pysparse.bsr_int8_linear(x, self.values, self.row_ptr, self.col_idx, self.colsum,
+                                                  self.w_scale, getattr(self, "bias_f32", None), None, N, K, relu)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The number of stored blocks is data: take the saved tensors' shapes as they are.
+        for name in ("values", "row_ptr", "col_idx"):
+            key = prefix + name
+            if key in state_dict and hasattr(self, name) and getattr(self, name) is not None:
+                cur = getattr(self, name)
+                new = state_dict[key].to(cur.device)
+                if isinstance(cur, nn.Parameter):
+                    self.values = nn.Parameter(new.clone(), requires_grad=cur.requires_grad)
+                else:
+                    setattr(self, name, new.clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        t = ""
+        if self.timings:
+            t = f", measured sparse={self.timings['sparse_ms']:.3f}ms dense={self.timings['dense_ms']:.3f}ms"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
+                f"block={self.block}, density={self.density:.3f}, activation={self.activation}{t}")
