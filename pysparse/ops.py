@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from . import _C  # noqa: F401  (loads the library: schemas + CPU kernels)
+from . import _cuda_ops  # noqa: F401  (Triton kernels for CUDA tensors; registers only)
 
 PACK_N = 64  # csrc/cpu/int8_linear.h kPackN: N padded to the AVX-512 / AMX column chunk
 PACK_K = 64  # kPackK: K padded to one AMX tile of K
@@ -43,8 +44,11 @@ def _int8_pack_fake(w: torch.Tensor, group_size: int = 0):
     N, K = w.shape
     Np, Kp = _round_up(N, PACK_N), packed_k(K, group_size)
     G = Kp // group_size if group_size else 1
-    return (w.new_empty((Np // 16, Kp * 16), dtype=torch.int8),
-            w.new_empty((G, Np), dtype=torch.int32))
+    if w.device.type == "cuda":  # the Triton kernel reads [N, K] (per group: [N, Kp]) as is
+        shape = (N, Kp if group_size else K)
+    else:  # the CPU tile layout (csrc/cpu/int8_linear.h)
+        shape = (Np // 16, Kp * 16)
+    return w.new_empty(shape, dtype=torch.int8), w.new_empty((G, Np), dtype=torch.int32)
 
 
 @torch.library.register_fake("pysparse::int8_unpack")
