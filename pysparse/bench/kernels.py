@@ -1,9 +1,8 @@
-"""``pysparse bench kernels``: the registered kernel families, and the runner that times
-every contender of a family side by side on each case of its grid."""
+"""``pysparse bench kernels``: the runner that times every contender of each registered
+kernel family (families.py) side by side on each case of its grid."""
 from __future__ import annotations
 
 import itertools
-import math
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -11,84 +10,12 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import peers
-from .machine import l3_bytes, run_header
-from .registry import FAMILIES, Case, Contender, KernelFamily, family_meta, register_family
+from .machine import finish, l3_bytes, run_header
+from .registry import FAMILIES, Case, Contender, KernelFamily, family_meta
+from .families import Shapes
 from .timing import TimingConfig, Timed, measure_bandwidth, rotation_sets, time_gpu, time_interleaved
 
-M_GRID = (1, 16, 128, 512)
-INT8_SHAPES = ((4096, 4096), (11008, 4096))  # (N, K): a square layer and an LLM MLP up-projection
-DENSITIES = (0.1, 0.25, 0.5)
-QUICK_SPARSE_M = 16  # --quick keeps one M for the sparse grid: small-batch inference, where
-                     # sparsity is meant to pay by streaming fewer weight bytes
-CHECK_ROWS = 8       # rows of each output compared with the float64 reference
-
-
-def _base_weight(N: int, K: int) -> torch.Tensor:
-    # N(0, 1/K): the scale of a trained layer's weights; seeded by shape, so every contender
-    # and every run of a shape sees the same weight.
-    g = torch.Generator().manual_seed(1_000_003 * N + K)
-    return torch.randn(N, K, generator=g) / math.sqrt(K)
-
-
-def block_prune(w: torch.Tensor, density: float, block: int = peers.BSR_BLOCK) -> torch.Tensor:
-    """Magnitude pruning by blocks: keep the ``density`` fraction of block x block tiles of
-    ``w`` [N, K] with the largest L1 norm, zero the rest. Shapes that blocks do not tile
-    are pruned element by element instead."""
-    N, K = w.shape
-    if density >= 1.0:
-        return w.clone()
-    if N % block or K % block:
-        keep = max(1, round(density * w.numel()))
-        mask = torch.zeros(w.numel(), dtype=torch.bool)
-        mask[w.abs().flatten().topk(keep).indices] = True
-        return w * mask.view(N, K)
-    tiles = w.view(N // block, block, K // block, block)
-    norms = tiles.abs().sum(dim=(1, 3)).flatten()
-    mask = torch.zeros_like(norms, dtype=torch.bool)
-    mask[norms.topk(max(1, round(density * norms.numel()))).indices] = True
-    return (tiles * mask.view(N // block, 1, K // block, 1)).reshape(N, K)
-
-
-Shapes = Optional[Sequence[tuple[int, int, int]]]  # (M, N, K) triples from the hidden --shapes
-
-
-def _int8_cases(quick: bool, shapes: Shapes) -> list[Case]:
-    if shapes:
-        return [Case(M, N, K) for M, N, K in shapes]
-    nk = INT8_SHAPES[:1] if quick else INT8_SHAPES
-    return [Case(M, N, K) for N, K in nk for M in M_GRID]
-
-
-def _int8_contenders(device: str) -> list[Contender]:
-    if device == "cuda":
-        return [peers.pysparse_int8_cuda(), peers.dense("cublas-bf16", torch.bfloat16, "cuda"),
-                peers.torchao_int8("cuda"), peers.int_mm("cuda")]
-    return [*(peers.pysparse_int8(isa) for isa in peers.cpu_isas()), peers.dense("fp32"),
-            peers.dense("bf16", torch.bfloat16), peers.quantize_dynamic(), peers.torchao_int8(), peers.int_mm()]
-
-
-def _sparse_cases(quick: bool, shapes: Shapes) -> list[Case]:
-    if shapes:
-        return [Case(M, N, K, d) for M, N, K in shapes for d in DENSITIES]
-    ms = (QUICK_SPARSE_M,) if quick else M_GRID
-    return [Case(M, 4096, 4096, d) for d in DENSITIES for M in ms]
-
-
-def _sparse_contenders(device: str) -> list[Contender]:
-    return [peers.pysparse_bsr(), peers.torch_sparse("bsr"), peers.torch_sparse("csr"), peers.dense("dense-fp32")]
-
-
-register_family(KernelFamily(
-    name="int8_linear", title="int8 linear layer (dynamic per-row int8 activations)",
-    cases=_int8_cases, contenders=_int8_contenders,
-    make_weight=lambda c: _base_weight(c.N, c.K), bandwidth_column=True, devices=("cpu", "cuda")))
-
-register_family(KernelFamily(
-    name="sparse_linear", title=f"block-sparse linear ({peers.BSR_BLOCK}x{peers.BSR_BLOCK} blocks, magnitude-pruned), fp32",
-    cases=_sparse_cases, contenders=_sparse_contenders,
-    make_weight=lambda c: block_prune(_base_weight(c.N, c.K), c.density),
-    speedup_for=("pysparse-bsr", "torch-bsr", "torch-csr"), reference="dense-fp32", x_axis="density", ideal=True))
+CHECK_ROWS = 8  # rows of each output compared with the float64 reference (cheap at any M)
 
 
 @dataclass
@@ -213,4 +140,4 @@ def run_kernels(run: KernelRun, argv: Sequence[str]) -> dict:
                     bar.update()
                 del states
     bar.close()
-    return doc
+    return finish(doc)

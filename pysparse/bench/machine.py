@@ -7,6 +7,7 @@ import platform
 import re
 import shlex
 import sys
+import time
 from importlib import metadata
 from typing import Optional, Sequence
 
@@ -83,8 +84,65 @@ def machine_info() -> dict:
 
 
 def run_header(kind: str, argv: Sequence[str]) -> dict:
-    """The common head of every results JSON: kind, machine, versions, date, command, threads."""
+    """The common head of every results JSON: kind, machine, versions, date, command, threads,
+    and how busy the CPUs were as the run began (with a warning on stderr when others hold them)."""
+    busy = cpu_busy_fraction()
+    if busy is not None and busy > 0.2:
+        print(f"pysparse bench: warning: other processes are using {busy:.0%} of the CPUs; "
+              f"{torch.get_num_threads()}-thread timings will include waits for a core", file=sys.stderr)
     return {"schema": "pysparse-bench/1", "kind": kind, "machine": machine_info(), "versions": versions(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": shlex.join(["pysparse", *argv]), "argv": list(argv),
-            "python_executable": sys.executable, "threads": torch.get_num_threads()}
+            "python_executable": sys.executable, "threads": torch.get_num_threads(),
+            "loadavg_start": _loadavg(), "cpu_busy_before": busy}
+
+
+def cpu_busy_fraction(interval: float = 0.25) -> Optional[float]:
+    """Fraction of all CPUs' time that other processes kept busy over ``interval`` seconds
+    (Linux /proc/stat less this process's own CPU time), or None. 0.5 on two cores means one
+    core is taken, and every two-thread call will wait for it."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def sample() -> tuple[float, float, float]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)
+        return (sum(v) - idle) / tick, sum(v) / tick, time.process_time()
+
+    try:
+        b0, t0, own0 = sample()
+        time.sleep(interval)
+        b1, t1, own1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, (b1 - b0) - (own1 - own0)) / max(t1 - t0, 1e-9)
+
+
+def _loadavg() -> Optional[list[float]]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def busy_note(doc: dict) -> Optional[str]:
+    """A note when other processes were running on this machine's cores during the run (the
+    1-minute load average, which counts our own run too, above the threads we used)."""
+    busy = doc.get("cpu_busy_before") or 0.0
+    loads = [v[0] for v in (doc.get("loadavg_start"), doc.get("loadavg_end")) if v]
+    top = max(loads, default=0.0)
+    # Over 0.2 of the CPUs busy before we started, or a load above what our own threads make.
+    if busy > 0.2 or top > doc.get("threads", 1) + 0.5:
+        return (f"the machine was busy ({busy:.0%} of {os.cpu_count()} CPUs taken by other processes at the start, "
+                f"1-minute load average up to {top:.1f}, {doc.get('threads')} torch threads): timings may "
+                "include waits for a core; rerun on a quiet machine before quoting them")
+    return None
+
+
+def finish(doc: dict) -> dict:
+    """Record the load average at the end of the run and note a busy machine; returns doc."""
+    doc["loadavg_end"] = _loadavg()
+    note = busy_note(doc)
+    if note:
+        doc.setdefault("notes", []).append(note)
+    return doc

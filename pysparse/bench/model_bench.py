@@ -17,7 +17,7 @@ import pysparse
 from pysparse.nn import Int8Linear
 
 from . import peers
-from .machine import l3_bytes, run_header
+from .machine import finish, l3_bytes, run_header
 from .models import BenchError
 from .timing import Stats, Timed, TimingConfig, rotation_sets, time_interleaved
 
@@ -37,10 +37,12 @@ class ModelRun:
 
 @dataclass
 class LinearSite:
-    """An nn.Linear as the model calls it: rows per call (M), shape, and calls per forward."""
+    """An nn.Linear as the model calls it: its input's shape (M rows of in_features), and
+    calls per forward."""
 
     name: str
     layer: nn.Linear
+    shape: tuple[int, ...]
     M: int
     calls: int = 1
 
@@ -56,7 +58,7 @@ def _trace_linears(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, lis
             if name in sites:
                 sites[name].calls += 1
             else:
-                sites[name] = LinearSite(name, mod, M)
+                sites[name] = LinearSite(name, mod, tuple(args[0].shape), M)
         return f
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if type(m) is nn.Linear]
@@ -114,7 +116,7 @@ def _stat_row(st: Stats) -> dict:
 
 
 def _profile_layers(sites: list[LinearSite], run: ModelRun, bar: Any) -> dict[tuple, tuple[Stats, Stats, int]]:
-    """Time each distinct (M, N, K, bias) once: fp32 F.linear against Int8Linear, interleaved.
+    """Time each distinct (input shape, N, bias) once: fp32 F.linear against Int8Linear, interleaved.
 
     Between two calls of a layer inside the model, every other layer's weights pass through
     the cache; copies of the layer totalling the model's Linear weight bytes (rotation_sets
@@ -125,7 +127,7 @@ def _profile_layers(sites: list[LinearSite], run: ModelRun, bar: Any) -> dict[tu
     out: dict[tuple, tuple[Stats, Stats, int]] = {}
     for s in sites:
         lin = s.layer
-        key = (s.M, lin.out_features, lin.in_features, lin.bias is not None)
+        key = (s.shape, lin.out_features, lin.bias is not None)
         if key in out:
             continue
         w = lin.weight.detach().float()
@@ -136,7 +138,7 @@ def _profile_layers(sites: list[LinearSite], run: ModelRun, bar: Any) -> dict[tu
         fp32 = [(w.clone(), None if b is None else b.clone()) for _ in range(n)]
         q = Int8Linear.from_float(peers.make_linear(w, b))
         int8 = [q] + [copy.deepcopy(q) for _ in range(n - 1)]
-        x = torch.randn(s.M, lin.in_features)
+        x = torch.randn(s.shape)  # the model's own input shape: a 3-D input takes another path in F.linear
         c32, c8 = itertools.cycle(fp32), itertools.cycle(int8)
         items = [Timed("fp32", lambda: F.linear(x, *next(c32))), Timed("pysparse-int8", lambda: next(c8)(x))]
         st = time_interleaved(items, run.timing)
@@ -150,13 +152,13 @@ def run_model(run: ModelRun, argv: Sequence[str]) -> dict:
     nn.Linear layers; return the results document (tables: results.model_tables)."""
     from tqdm.auto import tqdm
 
-    doc = run_header("model", argv)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*run.input_shape, generator=g)
     model = run.model.eval()
     with torch.no_grad():
-        y, sites = _trace_linears(model, x)
+        y, sites = _trace_linears(model, x)  # first: a model that will not run is a bad argument
         ref = _first_tensor(y).double()
+        doc = run_header("model", argv)
         convs = [m for m in model.modules() if isinstance(m, _CONVS)]
         n_params = sum(p.numel() for p in model.parameters())
         conv_params = sum(p.numel() for m in convs for p in m.parameters())
@@ -164,7 +166,7 @@ def run_model(run: ModelRun, argv: Sequence[str]) -> dict:
                     "model": {"name": run.name, "input_shape": list(run.input_shape), "params": n_params,
                               "linear_layers": len(sites), "conv_layers": len(convs),
                               "conv_param_share": conv_params / max(n_params, 1)}})
-        shapes = {(s.M, s.layer.out_features, s.layer.in_features, s.layer.bias is not None) for s in sites}
+        shapes = {(s.shape, s.layer.out_features, s.layer.bias is not None) for s in sites}
         bar = tqdm(total=2 + len(shapes), desc=f"pysparse bench model {run.name}", unit="step",
                    file=sys.stderr, disable=not run.progress)
         items = []
@@ -190,8 +192,7 @@ def run_model(run: ModelRun, argv: Sequence[str]) -> dict:
     saved = 0.0
     for s in sites:
         lin = s.layer
-        key = (s.M, lin.out_features, lin.in_features, lin.bias is not None)
-        f32, i8, n = layer_stats[key]
+        f32, i8, n = layer_stats[(s.shape, lin.out_features, lin.bias is not None)]
         d = s.calls * (f32.median_ms - i8.median_ms)
         saved += d
         doc["layers"].append({"layer": s.name, "M": s.M, "N": lin.out_features, "K": lin.in_features,
@@ -215,4 +216,4 @@ def run_model(run: ModelRun, argv: Sequence[str]) -> dict:
     doc["notes"].append("whole-model times are single forward calls with the weights as warm as repeated calls "
                         "leave them; per-layer times rotate weight copies to match the layer's cache state "
                         "inside the model; layers of one shape share one measurement")
-    return doc
+    return finish(doc)

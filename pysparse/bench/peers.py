@@ -1,8 +1,9 @@
 """The contenders: pysparse's layers and the alternatives a user has, each called as its
 library's users call it. Conversion happens in ``prepare`` (untimed); ``call`` is the work.
 
-Every peer listed in /work/shared/PERFORMANCE.md for linear layers is here; a contender whose
-library or op is missing reports why through ``available()`` and is skipped, never failed.
+Every peer PERFORMANCE.md (the project's guide to measuring) lists for linear layers is here;
+a contender whose library or op is missing says why through ``available()`` and is skipped,
+never failed.
 """
 from __future__ import annotations
 
@@ -162,7 +163,10 @@ def pysparse_int8_cuda() -> Contender:
 
 # ---- sparse ----------------------------------------------------------------------------
 
-BSR_BLOCK = 32  # the block the sparse grid prunes to and torch BSR stores (32 x 32 fp32: 4 KB)
+BSR_BLOCK = 32    # torch BSR's block, as in W.to_sparse_bsr((32, 32))
+PRUNE_BLOCK = 64  # the sparse grid prunes 64 x 64 tiles: a whole number of blocks in every format
+                  # timed (torch 32 x 32, pysparse fp32 64 x 32, pysparse int8 64 x 64), so all
+                  # contenders store exactly the same nonzeros at exactly the stated density
 
 
 def torch_sparse(layout: str) -> Contender:
@@ -182,27 +186,23 @@ def torch_sparse(layout: str) -> Contender:
         tolerance=TOL_FP32)
 
 
-# Where pysparse's block-sparse linear will appear; the first found is used.
-_BSR_OPS = ("bsr_linear", "block_sparse_linear")
-_BSR_LAYERS = ("BlockSparseLinear", "BsrLinear")
-
-
-def _pysparse_bsr_missing() -> Optional[str]:
-    if not any(hasattr(torch.ops.pysparse, op) for op in _BSR_OPS):
-        return f"torch.ops.pysparse has no block-sparse linear op yet (looked for {', '.join(_BSR_OPS)})"
-    if not any(hasattr(pysparse.nn, layer) for layer in _BSR_LAYERS):
-        return f"pysparse.nn has no block-sparse layer with from_float yet (looked for {', '.join(_BSR_LAYERS)})"
+def _pysparse_bsr_missing(op: str) -> Optional[str]:
+    if not hasattr(torch.ops.pysparse, op):
+        return f"torch.ops.pysparse has no {op} op in this build"
+    if not hasattr(pysparse.nn, "BlockSparseLinear"):
+        return "pysparse.nn has no BlockSparseLinear"
     return None
 
 
-def pysparse_bsr() -> Contender:
-    """pysparse's block-sparse linear layer, once it exists: built with its ``from_float`` from
-    the pruned nn.Linear (the zero blocks are already zero). Adapt ``prepare`` here if the
-    layer's constructor asks for more."""
+def pysparse_bsr(int8: bool = False) -> Contender:
+    """pysparse's BlockSparseLinear with fp32 blocks (its default 64 x 32) or int8 blocks
+    (64 x 64, dynamic per-row int8 activations). dispatch="sparse": the sparse kernel itself,
+    not the dense layer that "auto" keeps where sparsity does not pay."""
     def prepare(w: torch.Tensor, b: Optional[torch.Tensor]) -> Any:
-        layer = next(getattr(pysparse.nn, n) for n in _BSR_LAYERS if hasattr(pysparse.nn, n))
-        return layer.from_float(make_linear(w, b))
+        return pysparse.nn.BlockSparseLinear.from_dense(make_linear(w, b), dtype=torch.int8 if int8 else None,
+                                                        dispatch="sparse")
 
-    return Contender(name="pysparse-bsr", role="ours", prepare=prepare, call=lambda m, x: m(x),
-                     weight_bytes=lambda c: int(c.density * c.N * c.K * 4), available=_pysparse_bsr_missing,
-                     tolerance=TOL_FP32 * 10)
+    op = "bsr_int8_linear" if int8 else "bsr_linear"
+    return Contender(name="pysparse-bsr-int8" if int8 else "pysparse-bsr", role="ours", prepare=prepare,
+                     call=lambda m, x: m(x), weight_bytes=lambda c: int(c.density * c.N * c.K * (1 if int8 else 4)),
+                     available=lambda: _pysparse_bsr_missing(op), tolerance=TOL_INT8 if int8 else TOL_FP32)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from .results import speedups
+from .results import reference_of, speedups
 
 
 def plot_kernels(doc: dict, path: str) -> str:
@@ -27,11 +27,14 @@ def plot_kernels(doc: dict, path: str) -> str:
             cases.setdefault((r["M"], r["N"], r["K"], r.get("density", 1.0)), []).append(r)
         lines: dict[str, list[tuple[float, float]]] = {}
         by_density = meta.get("x_axis") == "density"
+        refs = {reference_of(meta, n) for n in meta["speedup_for"]}
         for (M, N, K, d), rs in cases.items():
-            for name, (v, _) in speedups(meta, rs).items():
+            for name, (v, who) in speedups(meta, rs).items():
                 if v is None:
                     continue
-                label = f"{name} M={M}" if by_density else f"{name} N={N} K={K}"
+                # Name the reference in the legend when the contenders do not share one.
+                shown = f"{name} vs {who}" if len(refs) > 1 else name
+                label = f"{shown} M={M}" if by_density else f"{shown} N={N} K={K}"
                 lines.setdefault(label, []).append((d if by_density else M, v))
         for label, pts in lines.items():
             pts.sort()
@@ -41,12 +44,15 @@ def plot_kernels(doc: dict, path: str) -> str:
             if meta.get("ideal") and ds:
                 ax.plot(ds, [1 / d for d in ds], "k--", label="ideal 1/density")
             ax.set_xlabel("density (fraction of blocks kept)")
-            ax.set_ylabel(f"speedup over {meta.get('reference')}")
+            ax.set_ylabel(f"speedup over {next(iter(refs))}" if len(refs) == 1 else "speedup over its reference")
             ax.set_yscale("log")
         else:
             ax.set_xscale("log", base=2)
+            ms = sorted({k[0] for k in cases})
+            ax.set_xticks(ms, [str(m) for m in ms])
             ax.set_xlabel("M (rows of the activation)")
-            ax.set_ylabel(f"speedup over {meta.get('reference') or 'the fastest peer'}")
+            ax.set_ylabel(f"speedup over {next(iter(refs)) or 'the fastest peer'}" if len(refs) == 1
+                          else "speedup over its reference")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_title(meta["title"], fontsize=9)
         ax.legend(fontsize=7)

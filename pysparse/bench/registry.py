@@ -67,14 +67,14 @@ class Contender:
 class KernelFamily:
     """A grid of cases and the contenders timed side by side on each.
 
-    cases(quick, shapes) lists the grid (the --quick grid when quick; built from the given
-    (M, N, K) triples instead when shapes is not None: the CLI's hidden --shapes, for tests). contenders(device) lists
-    everything that might run on that device ("cpu" or "cuda"). make_weight(case) gives
-    the float32 weight [N, K] that every contender converts (for a sparse family, pruned to
-    case.density). The table and plot show, for each contender named in ``speedup_for``
-    (or the first "ours" contender when it is empty), its speedup over ``reference`` (a
-    contender name) or, when that is None, over the fastest "peer". ``x_axis`` ("M" or
-    "density") is the plot's axis; ``ideal`` draws 1/density on it.
+    cases(quick, shapes) lists the grid (the --quick grid when quick; when shapes is not None,
+    cases built from those (M, N, K) triples: the CLI's hidden --shapes, for tests).
+    contenders(device) lists everything that might run on that device ("cpu" or "cuda").
+    make_weight(case) gives the float32 weight [N, K] every contender converts (for a sparse
+    family, pruned to case.density). The table and plot show, for each contender named in
+    ``speedup_for`` (or the first "ours" contender when it is empty), its speedup over its
+    entry in ``references``, else over ``reference`` (contender names), else over the fastest
+    "peer". ``x_axis`` ("M" or "density") is the plot's axis; ``ideal`` draws 1/density on it.
     """
 
     name: str
@@ -84,6 +84,7 @@ class KernelFamily:
     make_weight: Callable[[Case], torch.Tensor]
     speedup_for: tuple[str, ...] = ()
     reference: Optional[str] = None
+    references: Mapping[str, str] = field(default_factory=dict)
     x_axis: str = "M"
     ideal: bool = False
     bandwidth_column: bool = False  # show the int8 weight bytes' time at the measured bandwidth
@@ -106,5 +107,5 @@ def family_meta(family: KernelFamily, contenders: list[Contender]) -> dict:
     speedup_for = list(family.speedup_for) or [c.name for c in contenders if c.role == "ours"][:1]
     return {"title": family.title, "contenders": [c.name for c in contenders],
             "roles": {c.name: c.role for c in contenders}, "speedup_for": speedup_for,
-            "reference": family.reference, "x_axis": family.x_axis, "ideal": family.ideal,
-            "bandwidth_column": family.bandwidth_column}
+            "reference": family.reference, "references": dict(family.references), "x_axis": family.x_axis,
+            "ideal": family.ideal, "bandwidth_column": family.bandwidth_column}

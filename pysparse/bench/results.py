@@ -44,20 +44,26 @@ def _case_key(r: dict) -> tuple:
     return (r["M"], r["N"], r["K"], r.get("density", 1.0))
 
 
+def reference_of(meta: dict, name: str) -> Optional[str]:
+    """The contender ``name`` is compared with: its own entry in meta["references"], else
+    meta["reference"]; None means the fastest peer."""
+    return (meta.get("references") or {}).get(name) or meta.get("reference")
+
+
 def speedups(meta: dict, rows: list[dict]) -> dict[str, tuple[Optional[float], Optional[str]]]:
-    """For one case's rows: each of meta["speedup_for"] -> (speedup, over whom), against
-    meta["reference"] or, when that is None, the fastest row with role "peer"."""
+    """For one case's rows: each of meta["speedup_for"] -> (speedup, over whom), against its
+    reference (reference_of) or, when it has none, the fastest row with role "peer"."""
     by = {r["contender"]: r for r in rows}
-    if meta.get("reference"):
-        ref = by.get(meta["reference"])
-    else:
-        peers = [r for r in rows if r["role"] == "peer"]
-        ref = min(peers, key=lambda r: r["median_ms"]) if peers else None
+    peers = [r for r in rows if r["role"] == "peer"]
+    fastest = min(peers, key=lambda r: r["median_ms"]) if peers else None
     out: dict[str, tuple[Optional[float], Optional[str]]] = {}
     for name in meta["speedup_for"]:
         r = by.get(name)
-        if r is not None:
-            out[name] = (ref["median_ms"] / r["median_ms"], ref["contender"]) if ref else (None, None)
+        if r is None:
+            continue
+        refname = reference_of(meta, name)
+        ref = by.get(refname) if refname else fastest
+        out[name] = (ref["median_ms"] / r["median_ms"], ref["contender"]) if ref else (None, None)
     return out
 
 
@@ -78,9 +84,8 @@ def kernel_tables(doc: dict) -> list[Table]:
         headers = ["M", "N", "K"] + (["density"] if sparse else []) + names
         if meta.get("bandwidth_column") and bw:
             headers.append("int8 W @ BW")
-        ref = meta.get("reference")
         sp_names = [n for n in meta["speedup_for"] if n in names]
-        headers += [f"{n} vs {ref or 'best peer'}" for n in sp_names]
+        headers += [f"{n} vs {reference_of(meta, n) or 'best peer'}" for n in sp_names]
         if meta.get("ideal"):
             headers.append("ideal")
         body = []
@@ -96,7 +101,7 @@ def kernel_tables(doc: dict) -> list[Table]:
             sp = speedups(meta, rs)
             for n in sp_names:
                 v, who = sp.get(n, (None, None))
-                line.append(fmt_x(v) + (f" ({who})" if who and not ref else ""))
+                line.append(fmt_x(v) + (f" ({who})" if who and not reference_of(meta, n) else ""))
             if meta.get("ideal"):
                 line.append(fmt_x(1.0 / d))
             body.append(line)
@@ -104,7 +109,7 @@ def kernel_tables(doc: dict) -> list[Table]:
         if meta.get("bandwidth_column") and bw:
             notes.append(f"int8 W @ BW: the int8 weight bytes (N x K) at the measured {bw:.1f} GB/s read bandwidth,"
                          " the floor for small M")
-        if not ref:
+        if any(not reference_of(meta, n) for n in sp_names):
             notes.append("speedup: the fastest peer's median over ours (torch._int_mm is a bare GEMM bound, "
                          "not a peer)")
         tables.append(Table(f"{fam}: {meta['title']}", headers, body, notes))
@@ -122,7 +127,7 @@ def render_text(t: Table) -> str:
 def render_markdown(t: Table, level: int = 3) -> str:
     """The table as a GitHub markdown table under a heading, notes as a list below it."""
     out = [f"{'#' * level} {t.title}", "", "| " + " | ".join(t.headers) + " |",
-           "|" + "|".join("---:" for _ in t.headers) + "|"]
+           "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(t.headers))) + "|"]
     out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in t.rows]
     if t.notes:
         out += [""] + [f"- {n}" for n in t.notes]

@@ -23,18 +23,27 @@ import torch
 class TimingConfig:
     """How hard to time. ``quick()`` and ``full()`` are the two presets the CLI uses."""
 
-    warmup: int = 2            # calls before timing: first calls allocate and fill oneDNN / MKL caches
-    warmup_s: float = 0.5      # ...but a contender slower than this gets one warm-up call only
-    rounds: int = 12           # round-robin passes over all contenders
-    turn_s: float = 0.05       # one contender's turn lasts about this long (as many calls as fit) ...
+    # Calls before timing: first calls allocate and fill oneDNN / MKL primitive caches. A
+    # contender whose first call takes longer than warmup_s gets that one call only.
+    warmup: int = 2
+    warmup_s: float = 0.5
+    # Round-robin passes over all contenders; in each, a contender's turn is as many
+    # back-to-back calls as fit in turn_s (1 to max_calls_per_turn).
+    rounds: int = 12
+    turn_s: float = 0.05
     max_calls_per_turn: int = 50
-    min_samples: int = 3       # ... and every contender gets at least this many timed calls,
-    budget_s: float = 10.0     # after which one that has spent this long in a case gets no more turns
-                               # (the scalar path takes seconds per call at M=512)
-    rotate_max_m: int = 16     # at M <= 16 a layer is bound by streaming its weights from memory,
-    rotate_bytes: int = 0      # so rotate weight copies totalling this many bytes (0: 2 x L3, see
-    max_weight_sets: int = 64  # rotation_sets), at most this many copies.
-    gpu_rounds: int = 3        # GPU: do_bench passes per contender, interleaved
+    # A contender that has spent budget_s in one case, with min_samples timed calls, sits out
+    # the remaining rounds: the scalar path takes 2 s a call at M=512, K=N=4096.
+    min_samples: int = 3
+    budget_s: float = 10.0
+    # At M <= rotate_max_m a layer is bound by streaming its weights from memory: cycle through
+    # copies totalling rotate_bytes (0: twice the L3), at most max_weight_sets of them (the
+    # smallest weight in the grid, 4096 x 4096 int8 at density 0.1, 1.7 MB, needs 325 copies
+    # to pass twice the 273 MB L3; the cap only bites for tiny test shapes).
+    rotate_max_m: int = 16
+    rotate_bytes: int = 0
+    max_weight_sets: int = 1024
+    gpu_rounds: int = 3  # GPU: do_bench passes per contender, interleaved, samples pooled
 
     @staticmethod
     def quick() -> "TimingConfig":
