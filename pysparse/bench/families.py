@@ -13,7 +13,7 @@ from .registry import Case, Contender, KernelFamily, register_family
 
 M_GRID = (1, 16, 128, 512)
 INT8_SHAPES = ((4096, 4096), (11008, 4096))  # (N, K): a square layer and an LLM MLP up-projection
-DENSITIES = (0.1, 0.25, 0.5)
+DENSITIES = (0.05, 0.1, 0.25, 0.5)
 QUICK_SPARSE_M = 16  # --quick keeps one M for the sparse grid: small-batch inference, where
                      # sparsity is meant to pay by streaming fewer weight bytes
 
