@@ -110,3 +110,15 @@ def pack_bsr_int8(w: torch.Tensor, q: Optional[torch.Tensor] = None,
     w_scale = torch.ones(1, Np)
     w_scale[0, :N] = scale[:, 0]
     return BsrInt8(values, layout, colsum, w_scale, q)
+
+
+def int8_blocks_to_kmajor(values: torch.Tensor) -> torch.Tensor:
+    """int8 BSR values from the CPU layout [nnzb, 4096] to k-major [nnzb, 64 k, 64 n]
+    (what the Triton kernel's tl.dot tiles load). Exact inverse of int8_blocks_to_cpu."""
+    # [j][nb][kg][n16][i] -> [j][kg][i][nb][n16]
+    return values.reshape(-1, 4, 16, 16, 4).permute(0, 2, 4, 1, 3).reshape(-1, 64, 64).contiguous()
+
+
+def int8_blocks_to_cpu(values: torch.Tensor) -> torch.Tensor:
+    """Inverse of int8_blocks_to_kmajor: [nnzb, 64, 64] -> the CPU layout [nnzb, 4096]."""
+    return values.reshape(-1, 16, 4, 4, 16).permute(0, 3, 1, 4, 2).reshape(-1, 4096).contiguous()

@@ -43,22 +43,41 @@ inline void f32_rows(const BsrF32Args& g, int64_t m0, int64_t rb) {
   detail::bsr_f32_store(g, m0, MR, rb * g.bn, tmp, 64);
 }
 
+// Leftover rows (M % MR) go through one call of the matching height: with single rows
+// the block row's values would stream once per row (M = 16 at bn 64: 6 + 6 + 4, not
+// 6 + 6 + 1 + 1 + 1 + 1).
+template <int NB, int R>
+inline void f32_tail(const BsrF32Args& g, int64_t m, int64_t rows, int64_t rb) {
+  if constexpr (R > 0) {
+    if (rows == R) return f32_rows<R, NB>(g, m, rb);
+    f32_tail<NB, R - 1>(g, m, rows, rb);
+  }
+}
+
 template <int NB, int MR>
 void f32_block_row(const BsrF32Args& g, int64_t rb) {
   int64_t m = 0;
   for (; m + MR <= g.M; m += MR) f32_rows<MR, NB>(g, m, rb);
-  for (; m < g.M; ++m) f32_rows<1, NB>(g, m, rb);
+  if (m < g.M) f32_tail<NB, MR - 1>(g, m, g.M - m, rb);
 }
+// Blocks per L1 pass: 8 int8 blocks are 32 KB, which stay in L1 while every row of the
+// task streams over them (the dense kernel's K blocking). Without it each 6-row step
+// re-read the block row from L2: 6.5x of the ideal 10x at density 0.1, M = 128.
+constexpr int32_t kBlocksPerPass = 8;
+// Rows per pass: the C scratch of 256 x 64 int32 (64 KB) stays in L2.
+constexpr int64_t kRowsPerPass = 256;
+
 template <int MR>
-inline void i8_rows(const BsrI8Args& b, int64_t m0, int64_t rb, int32_t* C) {
+inline void i8_rows(const BsrI8Args& b, int64_t m0, int32_t blk0, int32_t blk1, int32_t* C, bool accumulate) {
   const GemmArgs& g = b.g;
   __m512i acc[MR][4];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_si512();
+    for (int j = 0; j < 4; ++j)
+      acc[r][j] = accumulate ? _mm512_loadu_si512(C + r * kPackN + 16 * j) : _mm512_setzero_si512();
   const int8_t* a = g.a + m0 * g.Kp;
-  for (int32_t blk = b.row_ptr[rb]; blk < b.row_ptr[rb + 1]; ++blk) {
+  for (int32_t blk = blk0; blk < blk1; ++blk) {
     const int8_t* v = b.values + int64_t(blk) * kBsrI8Block * kBsrI8Block;
     const int8_t* ak = a + int64_t(b.col_idx[blk]) * kBsrI8Block;
 #pragma GCC unroll 2
@@ -78,15 +97,35 @@ inline void i8_rows(const BsrI8Args& b, int64_t m0, int64_t rb, int32_t* C) {
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) _mm512_storeu_si512(C + r * kPackN + 16 * j, acc[r][j]);
-  detail::bsr_i8_store(b, m0, MR, rb, C, /*u8=*/true);
+}
+
+inline void i8_rows_any(const BsrI8Args& b, int64_t m, int64_t rows, int32_t blk0, int32_t blk1, int32_t* C,
+                        bool accumulate) {
+  switch (rows) {
+    case 6: i8_rows<6>(b, m, blk0, blk1, C, accumulate); break;
+    case 5: i8_rows<5>(b, m, blk0, blk1, C, accumulate); break;
+    case 4: i8_rows<4>(b, m, blk0, blk1, C, accumulate); break;
+    case 3: i8_rows<3>(b, m, blk0, blk1, C, accumulate); break;
+    case 2: i8_rows<2>(b, m, blk0, blk1, C, accumulate); break;
+    default: i8_rows<1>(b, m, blk0, blk1, C, accumulate);
+  }
 }
 }  // namespace
 
 void bsr_i8_avx512(const BsrI8Args& b, int64_t r0, int64_t r1, int32_t* C, float*) {
   for (int64_t rb = r0; rb < r1; ++rb) {
-    int64_t m = 0;
-    for (; m + 6 <= b.g.M; m += 6) i8_rows<6>(b, m, rb, C);
-    for (; m < b.g.M; ++m) i8_rows<1>(b, m, rb, C);
+    const int32_t b0 = b.row_ptr[rb], b1 = b.row_ptr[rb + 1];
+    for (int64_t mc = 0; mc < b.g.M; mc += kRowsPerPass) {
+      const int64_t rows = std::min(kRowsPerPass, b.g.M - mc);
+      if (b0 == b1)  // no stored block: the output is the bias
+        std::memset(C, 0, sizeof(int32_t) * rows * kPackN);
+      for (int32_t bb = b0; bb < b1; bb += kBlocksPerPass) {
+        const int32_t be = std::min(b1, bb + kBlocksPerPass);
+        for (int64_t m = 0; m < rows; m += 6)
+          i8_rows_any(b, mc + m, std::min<int64_t>(6, rows - m), bb, be, C + m * kPackN, bb != b0);
+      }
+      detail::bsr_i8_store(b, mc, rows, rb, C, /*u8=*/true);
+    }
   }
 }
 

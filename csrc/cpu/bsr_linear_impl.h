@@ -8,18 +8,36 @@ namespace cpu {
 namespace {
 namespace detail {
 
+// ReLU that keeps NaN (as torch.relu does): NaN < 0 is false. Branch-free, so the
+// epilogue loops below vectorize (a scalar epilogue cost as much as the whole int8
+// block-sparse GEMM at density 0.1: 64 outputs x M per block row).
+inline float relu_keep_nan(float v) { return v < 0.f ? 0.f : v; }
+
 // Epilogue of one block row for rows [m0, m0 + rows): bias, ReLU, store.
 inline void bsr_f32_store(const BsrF32Args& g, int64_t m0, int64_t rows, int64_t n0, const float* acc,
                           int64_t ld) {
   const int64_t nn = std::min(g.bn, g.N - n0);
+  float zero[64] = {};
+  const float* bias = g.bias ? g.bias + n0 : zero;
   for (int64_t r = 0; r < rows; ++r) {
     float* o = g.out + (m0 + r) * g.ldo + n0;
-    for (int64_t j = 0; j < nn; ++j) {
-      float v = acc[r * ld + j];
-      if (g.bias) v = v + g.bias[n0 + j];
-      if (g.relu) v = v > 0.f ? v : (v == v ? 0.f : v);  // NaN stays NaN, as torch.relu
-      o[j] = v;
-    }
+    const float* a = acc + r * ld;
+    if (g.relu)
+      for (int64_t j = 0; j < nn; ++j) o[j] = relu_keep_nan(a[j] + bias[j]);
+    else
+      for (int64_t j = 0; j < nn; ++j) o[j] = a[j] + bias[j];
+  }
+}
+
+template <bool U8, bool RELU>
+inline void i8_dequant(const int32_t* c, const int32_t* cs, const float* ws, float sa, const float* bias,
+                       float* f) {
+  for (int64_t j = 0; j < kPackN; ++j) {
+    const int32_t acc = U8 ? int32_t(uint32_t(c[j]) - 128u * uint32_t(cs[j])) : c[j];
+    float v = static_cast<float>(acc) * ws[j];
+    v = v * sa;
+    v = v + bias[j];
+    f[j] = RELU ? relu_keep_nan(v) : v;
   }
 }
 
@@ -30,16 +48,19 @@ inline void bsr_i8_store(const BsrI8Args& b, int64_t m0, int64_t rows, int64_t r
   const int64_t n0 = rb * kPackN, nn = std::min(kPackN, g.N - n0);
   const int32_t* cs = g.colsum + n0;
   const float* ws = g.w_scale + n0;
+  // Padded columns (n >= N) read zero bias; their results are never stored.
+  alignas(64) float bias[kPackN] = {};
+  if (g.bias) std::memcpy(bias, g.bias + n0, sizeof(float) * nn);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t m = m0 + r;
-    float f[kPackN];
-    for (int64_t j = 0; j < nn; ++j) {
-      int32_t acc = u8 ? int32_t(uint32_t(C[r * kPackN + j]) - 128u * uint32_t(cs[j])) : C[r * kPackN + j];
-      float v = static_cast<float>(acc) * ws[j];
-      v = v * g.a_scale[m];
-      if (g.bias) v = v + g.bias[n0 + j];
-      if (b.relu) v = v > 0.f ? v : (v == v ? 0.f : v);
-      f[j] = v;
+    alignas(64) float f[kPackN];
+    const int32_t* c = C + r * kPackN;
+    if (u8) {
+      if (b.relu) i8_dequant<true, true>(c, cs, ws, g.a_scale[m], bias, f);
+      else i8_dequant<true, false>(c, cs, ws, g.a_scale[m], bias, f);
+    } else {
+      if (b.relu) i8_dequant<false, true>(c, cs, ws, g.a_scale[m], bias, f);
+      else i8_dequant<false, false>(c, cs, ws, g.a_scale[m], bias, f);
     }
     switch (g.out_type) {
       case OutType::F32: std::memcpy(static_cast<float*>(g.out) + m * g.ldo + n0, f, nn * 4); break;

@@ -170,8 +170,10 @@ Tensor bsr_int8_linear(const Tensor& x, const Tensor& values, const Tensor& row_
                    row_ptr.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), values.data_ptr<int8_t>(), relu};
   auto fn = vnni ? cpu::bsr_i8_avx512 : cpu::bsr_i8_scalar;
   parallel_rows(b.row_ptr, R, B, B, [&](int64_t r0, int64_t r1) {
-    alignas(64) int32_t cbuf[6 * cpu::kPackN];
-    fn(b, r0, r1, cbuf, nullptr);
+    // C scratch: up to 256 rows x 64 int32 per pass (csrc/cpu/bsr_linear_avx512.cpp)
+    thread_local std::vector<int32_t> cbuf;
+    if (cbuf.size() < size_t(256 * cpu::kPackN)) cbuf.resize(256 * cpu::kPackN);
+    fn(b, r0, r1, cbuf.data(), nullptr);
   });
   return out;
 }

@@ -158,6 +158,29 @@ class BlockSparseLinear(nn.Module):
         return torch.ops.pysparse.bsr_int8_linear(x, self.values, self.row_ptr, self.col_idx, self.colsum,
                                                   self.w_scale, getattr(self, "bias_f32", None), None, N, K, relu)
 
+    def _apply(self, fn, recurse: bool = True):
+        # int8 blocks live in the CPU kernels' VNNI order on the CPU and k-major on a GPU
+        # (the Triton kernel's tiles): moving the layer re-lays them out once, here.
+        was_cuda = self.format == "bsr-int8" and self.values.is_cuda
+        super()._apply(fn, recurse)
+        if self.format == "bsr-int8":
+            now_cuda = self.values.is_cuda
+            if now_cuda and not was_cuda:
+                self.values = formats.int8_blocks_to_kmajor(self.values)
+            elif was_cuda and not now_cuda:
+                self.values = formats.int8_blocks_to_cpu(self.values)
+            for name in ("w_scale", "bias_f32"):
+                if getattr(self, name, None) is not None:
+                    setattr(self, name, getattr(self, name).float())
+        elif self.format == "bsr" and self.bias is not None and self.bias.dtype != torch.float32:
+            self.bias.data = self.bias.data.float()  # the kernels take a float32 bias
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.format == "bsr-int8" and self.values.is_cuda:  # saved files hold one layout
+            destination[prefix + "values"] = formats.int8_blocks_to_cpu(self.values.detach())
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The number of stored blocks is data: take the saved tensors' shapes as they are.
         for name in ("values", "row_ptr", "col_idx"):
@@ -165,6 +188,8 @@ class BlockSparseLinear(nn.Module):
             if key in state_dict and hasattr(self, name) and getattr(self, name) is not None:
                 cur = getattr(self, name)
                 new = state_dict[key].to(cur.device)
+                if name == "values" and self.format == "bsr-int8" and cur.is_cuda:
+                    new = formats.int8_blocks_to_kmajor(new)
                 if isinstance(cur, nn.Parameter):
                     self.values = nn.Parameter(new.clone(), requires_grad=cur.requires_grad)
                 else:
