@@ -9,7 +9,7 @@ TORCH_CPU ?= torch==2.13.0+cpu
 DEPS := numpy tqdm pytest pytest-benchmark hypothesis scikit-learn triton torchao matplotlib \
         ninja setuptools wheel expecttest
 
-.PHONY: setup build test demo bench bench-kernels gpu-check clean
+.PHONY: setup build test demo bench bench-kernels benchmarks gpu-check clean
 
 $(VPY):
 	$(PY) -m venv --system-site-packages $(VENV)
@@ -34,6 +34,16 @@ bench: setup
 
 bench-kernels: setup
 	$(VPY) -m pysparse bench kernels --json bench_out/kernels.json --plot bench_out/kernels.png
+
+# Regenerate BENCHMARKS.md: the full kernel grid and a model run (about 5 minutes on 2
+# cores; run it on a quiet machine), then the report with docs/bench/NOTES.md first.
+BENCH_DIR := docs/bench
+benchmarks: setup
+	$(VPY) -m pysparse bench kernels --json $(BENCH_DIR)/kernels.json --csv $(BENCH_DIR)/kernels.csv \
+	  --plot $(BENCH_DIR)/kernels.png
+	$(VPY) -m pysparse bench model --builtin transformer --json $(BENCH_DIR)/model_transformer.json
+	$(VPY) -m pysparse bench report --json $(BENCH_DIR)/kernels.json --json $(BENCH_DIR)/model_transformer.json \
+	  --notes $(BENCH_DIR)/NOTES.md --out BENCHMARKS.md
 
 # On a GPU machine (PyTorch, Triton, CUDA, pytest; no network, nothing to install):
 # build in place with the system Python and run the GPU tests + benchmark grid.

@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = bsub.add_parser("report", help="regenerate BENCHMARKS.md from results JSON files")
     r.add_argument("--json", action="append", required=True, metavar="PATH", help="a results file (repeatable)")
     r.add_argument("--out", required=True, metavar="PATH", help="the markdown file to write")
+    r.add_argument("--notes", metavar="PATH", help="a markdown file to put first (targets vs results, GPU runs)")
     return top
 
 
@@ -198,7 +199,7 @@ def _report(args: argparse.Namespace) -> int:
     from .report import write_report
 
     try:
-        write_report(args.json, args.out)
+        write_report(args.json, args.out, args.notes)
     except (OSError, ValueError) as e:  # a missing or foreign JSON file is a bad argument
         raise BenchError(str(e)) from None
     print(f"wrote {args.out}", file=sys.stderr)
