@@ -8,20 +8,13 @@
 #include <vector>
 
 #include "../cpu/bsr_linear.h"
+#include "common.h"
 
 namespace pysparse {
 namespace {
 
 using at::Tensor;
 using cpu::Isa;
-
-Isa isa_now() {
-  try {
-    return cpu::selected_isa();
-  } catch (const std::exception& e) {
-    TORCH_CHECK_VALUE(false, e.what());
-  }
-}
 
 // Split block rows [0, R) into one contiguous range per thread with equal work, work of a
 // row = its nonzero blocks * bk + a fixed epilogue cost (bn).
@@ -75,16 +68,9 @@ Tensor bsr_linear(const Tensor& x, const Tensor& values, const Tensor& row_ptr, 
   TORCH_CHECK_VALUE(N >= 0 && K >= 0, "bsr_linear: N, K must be >= 0");
   const int64_t R = (N + bn - 1) / bn, KB = (K + bk - 1) / bk;
   check_bsr(row_ptr, col_idx, nnzb, R, KB, "bsr_linear");
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "bsr_linear: x must be on the CPU, got ", x.device());
+  ops::check_x(x, K, "bsr_linear");
+  ops::check_bias(bias, N, "bsr_linear");
   const auto dt = x.scalar_type();
-  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-                    "bsr_linear: x must be float32, bfloat16 or float16, got ", dt);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, "bsr_linear: x must have last dimension in_features=", K,
-                    ", got shape ", x.sizes());
-  if (bias)
-    TORCH_CHECK_VALUE(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N &&
-                          bias->device().is_cpu() && bias->is_contiguous(),
-                      "bsr_linear: bias must be a contiguous float32 CPU tensor [", N, "]");
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   int64_t M = 1;
@@ -96,7 +82,7 @@ Tensor bsr_linear(const Tensor& x, const Tensor& values, const Tensor& row_ptr, 
     cpu::BsrF32Args g{x2.data_ptr<float>(), M, N, K, K ? x2.stride(0) : 0, bn, bk,
                       row_ptr.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), values.data_ptr<float>(),
                       bias ? bias->data_ptr<float>() : nullptr, relu, out.data_ptr<float>(), N};
-    const Isa isa = isa_now();
+    const Isa isa = ops::isa_now();
     auto fn = isa >= Isa::Avx512 ? cpu::bsr_f32_avx512 : isa == Isa::Avx2 ? cpu::bsr_f32_avx2 : cpu::bsr_f32_scalar;
     parallel_rows(g.row_ptr, R, bk, bn, [&](int64_t r0, int64_t r1) { fn(g, r0, r1); });
   }
@@ -120,24 +106,10 @@ Tensor bsr_int8_linear(const Tensor& x, const Tensor& values, const Tensor& row_
                           t->scalar_type() == (t == &colsum ? at::kInt : at::kFloat),
                       "bsr_int8_linear: ", name, " must be a contiguous [1, ", Np, "] ",
                       t == &colsum ? "int32" : "float32", " tensor, got ", t->scalar_type(), " ", t->sizes());
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "bsr_int8_linear: x must be on the CPU, got ", x.device());
+  ops::check_x(x, K, "bsr_int8_linear");
+  ops::check_bias(bias, N, "bsr_int8_linear");
   const auto dt = x.scalar_type();
-  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-                    "bsr_int8_linear: x must be float32, bfloat16 or float16, got ", dt);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, "bsr_int8_linear: x must have last dimension in_features=",
-                    K, ", got shape ", x.sizes());
-  if (bias)
-    TORCH_CHECK_VALUE(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N &&
-                          bias->device().is_cpu() && bias->is_contiguous(),
-                      "bsr_int8_linear: bias must be a contiguous float32 CPU tensor [", N, "]");
-  float static_scale = 0.f;
-  if (x_scale) {
-    TORCH_CHECK_VALUE(x_scale->numel() == 1 && x_scale->scalar_type() == at::kFloat,
-                      "bsr_int8_linear: x_scale must be a one-element float32 tensor");
-    static_scale = x_scale->item<float>();
-    TORCH_CHECK_VALUE(std::isfinite(static_scale) && static_scale > 0.f,
-                      "bsr_int8_linear: x_scale must be finite and > 0, got ", static_scale);
-  }
+  const float static_scale = ops::static_x_scale(x_scale, "bsr_int8_linear");
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   Tensor out = at::empty(shape, x.options());
@@ -149,22 +121,12 @@ Tensor bsr_int8_linear(const Tensor& x, const Tensor& values, const Tensor& row_
   const int64_t M = x.numel() / K;
   Tensor x2 = x.reshape({M, K});
   if (x2.stride(1) != 1) x2 = x2.contiguous();
-  const Isa isa = isa_now();
+  const Isa isa = ops::isa_now();
   const bool vnni = isa >= Isa::Avx512;  // AMX machines run the VNNI block kernel too
-  Tensor ap = at::empty({M, Kp}, x.options().dtype(at::kChar));
-  Tensor a_scale = at::empty({M}, x.options().dtype(at::kFloat));
-  const cpu::InType in_t = dt == at::kFloat ? cpu::InType::F32 : dt == at::kBFloat16 ? cpu::InType::BF16
-                                                                                    : cpu::InType::F16;
-  auto qf = vnni ? cpu::quantize_rows_avx512 : isa == Isa::Avx2 ? cpu::quantize_rows_avx2 : cpu::quantize_rows_scalar;
-  const void* xp = x2.data_ptr();
-  const int64_t ldx = x2.stride(0);
-  int8_t* app = ap.data_ptr<int8_t>();
-  float* asp = a_scale.data_ptr<float>();
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
-    qf(xp, in_t, ldx, K, Kp, m0, m1, static_scale, vnni, app, asp);
-  });
-  const cpu::OutType ot = dt == at::kFloat ? cpu::OutType::F32 : dt == at::kBFloat16 ? cpu::OutType::BF16
-                                                                                     : cpu::OutType::F16;
+  const ops::QuantizedX q = ops::quantize_x(x2, static_scale, M, Kp, isa, vnni);
+  int8_t* app = q.a.data_ptr<int8_t>();
+  float* asp = q.scale.data_ptr<float>();
+  const cpu::OutType ot = ops::out_type(dt);
   cpu::BsrI8Args b{{app, M, M, N, Np, Kp, nullptr, colsum.data_ptr<int32_t>(), asp, w_scale.data_ptr<float>(),
                     Kp, bias ? bias->data_ptr<float>() : nullptr, out.data_ptr(), N, ot},
                    row_ptr.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), values.data_ptr<int8_t>(), relu};

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../cpu/int8_linear.h"
+#include "common.h"
 
 namespace pysparse {
 namespace {
@@ -21,8 +22,6 @@ using cpu::kPackN;
 using cpu::round_up;
 
 using GemmFn = void (*)(const GemmArgs&, int64_t, int64_t, int64_t, int64_t, int32_t*, float*);
-using QuantFn = void (*)(const void*, cpu::InType, int64_t, int64_t, int64_t, int64_t, int64_t,
-                         float, bool, int8_t*, float*);
 
 GemmFn gemm_fn(Isa isa) {
   switch (isa) {
@@ -32,24 +31,8 @@ GemmFn gemm_fn(Isa isa) {
     default: return cpu::gemm_scalar;
   }
 }
-QuantFn quant_fn(Isa isa) {
-  switch (isa) {
-    case Isa::Amx:
-    case Isa::Avx512: return cpu::quantize_rows_avx512;
-    case Isa::Avx2: return cpu::quantize_rows_avx2;
-    default: return cpu::quantize_rows_scalar;
-  }
-}
 // Only the AVX-512 VNNI path multiplies u8 x s8 (VPDPBUSD); AMX and AVX2 use s8 x s8.
 bool isa_wants_u8(Isa isa) { return isa == Isa::Avx512; }
-
-Isa current_isa() {
-  try {
-    return cpu::selected_isa();
-  } catch (const std::exception& e) {
-    TORCH_CHECK_VALUE(false, e.what());
-  }
-}
 
 // Rows per task: 256 keeps the task's C/F scratch (256 x 64 x 8 B = 128 KB) in L2 and,
 // at M = 512 on 2 threads, gives each thread one row block over all columns.
@@ -152,7 +135,7 @@ Tensor int8_mm(const Tensor& a, const Tensor& packed, const Tensor& colsum, int6
   const int64_t M = a.size(0), Kp = packed.size(1) / 16, Np = packed.size(0) * 16;
   Tensor out = at::empty({M, N}, a.options().dtype(at::kInt));
   if (M == 0 || N == 0) return out;
-  const Isa isa = current_isa();
+  const Isa isa = ops::isa_now();
   const bool u8 = isa_wants_u8(isa);
   const int64_t Mp = round_up(M, 32);
   Tensor ap = at::zeros({Mp, Kp}, a.options());
@@ -169,34 +152,15 @@ Tensor int8_linear(const Tensor& x, const Tensor& packed, const Tensor& colsum,
                    const Tensor& w_scale, const std::optional<Tensor>& bias,
                    const std::optional<Tensor>& x_scale, int64_t N, int64_t K) {
   check_packed(packed, colsum, N, K, "int8_linear");
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "int8_linear: x must be on the CPU (the weight is), got ",
-                    x.device());
+  ops::check_x(x, K, "int8_linear");
   const auto dt = x.scalar_type();
-  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-                    "int8_linear: x must be float32, bfloat16 or float16, got ", dt);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, "int8_linear: x must have last dimension ",
-                    "in_features=", K, ", got shape ", x.sizes());
   const int64_t G = colsum.size(0), Np = packed.size(0) * 16, Kp = packed.size(1) / 16;
   TORCH_CHECK_VALUE(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() &&
                         w_scale.dim() == 2 && w_scale.size(0) == G && w_scale.size(1) == Np,
                     "int8_linear: w_scale must be a contiguous float32 tensor of shape [", G, ", ",
                     Np, "], got ", w_scale.scalar_type(), " ", w_scale.sizes());
-  if (bias) {
-    TORCH_CHECK_VALUE(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N &&
-                          bias->device().is_cpu(),
-                      "int8_linear: bias must be a float32 CPU tensor of shape [", N, "], got ",
-                      bias->scalar_type(), " ", bias->sizes());
-  }
-  float static_scale = 0.f;
-  if (x_scale) {
-    TORCH_CHECK_VALUE(x_scale->numel() == 1 && x_scale->scalar_type() == at::kFloat,
-                      "int8_linear: x_scale must be a one-element float32 tensor (a static "
-                      "per-tensor activation scale), got ", x_scale->scalar_type(), " ",
-                      x_scale->sizes());
-    static_scale = x_scale->item<float>();
-    TORCH_CHECK_VALUE(std::isfinite(static_scale) && static_scale > 0.f,
-                      "int8_linear: x_scale must be finite and > 0, got ", static_scale);
-  }
+  ops::check_bias(bias, N, "int8_linear");
+  const float static_scale = ops::static_x_scale(x_scale, "int8_linear");
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   Tensor out = at::empty(out_shape, x.options());
@@ -208,25 +172,13 @@ Tensor int8_linear(const Tensor& x, const Tensor& packed, const Tensor& colsum,
   }
   Tensor x2 = x.reshape({M, K});
   if (x2.stride(1) != 1) x2 = x2.contiguous();
-  const Isa isa = current_isa();
+  const Isa isa = ops::isa_now();
   const bool u8 = isa_wants_u8(isa);
-  const int64_t Mp = round_up(M, 32);
-  // Scratch: the quantized activations (rows past M zero for AMX's 16-row tiles).
-  Tensor ap = at::empty({Mp, Kp}, x.options().dtype(at::kChar));
-  if (Mp > M) ap.narrow(0, M, Mp - M).fill_(u8 ? -128 : 0);
-  Tensor a_scale = at::empty({M}, x.options().dtype(at::kFloat));
-  const cpu::InType in_t = dt == at::kFloat ? cpu::InType::F32
-                           : dt == at::kBFloat16 ? cpu::InType::BF16 : cpu::InType::F16;
-  const QuantFn qf = quant_fn(isa);
-  const void* xp = x2.data_ptr();
-  const int64_t ldx = x2.stride(0);
-  int8_t* app = ap.data_ptr<int8_t>();
-  float* asp = a_scale.data_ptr<float>();
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
-    qf(xp, in_t, ldx, K, Kp, m0, m1, static_scale, u8, app, asp);
-  });
-  const cpu::OutType ot = dt == at::kFloat ? cpu::OutType::F32
-                          : dt == at::kBFloat16 ? cpu::OutType::BF16 : cpu::OutType::F16;
+  const int64_t Mp = round_up(M, 32);  // rows past M are zero: AMX reads whole 16-row tiles
+  const ops::QuantizedX q = ops::quantize_x(x2, static_scale, Mp, Kp, isa, u8);
+  int8_t* app = q.a.data_ptr<int8_t>();
+  float* asp = q.scale.data_ptr<float>();
+  const cpu::OutType ot = ops::out_type(dt);
   GemmArgs g{app, M, Mp, N, Np, Kp, packed.data_ptr<int8_t>(), colsum.data_ptr<int32_t>(),
              asp, w_scale.data_ptr<float>(), Kp / G,
              bias ? bias->data_ptr<float>() : nullptr, out.data_ptr(), N, ot};

@@ -1,0 +1,95 @@
+// Pieces every CPU op wrapper shares: input checks worded for users, the ISA choice, and
+// the per-row activation quantization into a padded scratch.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <optional>
+
+#include "../cpu/int8_linear.h"
+
+namespace pysparse {
+namespace ops {
+
+using at::Tensor;
+
+inline cpu::Isa isa_now() {
+  try {
+    return cpu::selected_isa();
+  } catch (const std::exception& e) {  // a bad PYSPARSE_CPU_ISA value
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
+
+// x: CPU, float32/bfloat16/float16, last dimension K.
+inline void check_x(const Tensor& x, int64_t K, const char* op) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be on the CPU (the weight is), got ", x.device());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
+                    ": x must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, op, ": x must have last dimension in_features=", K,
+                    ", got shape ", x.sizes());
+}
+
+inline void check_bias(const std::optional<Tensor>& bias, int64_t N, const char* op) {
+  if (!bias) return;
+  TORCH_CHECK_VALUE(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N &&
+                        bias->device().is_cpu() && bias->is_contiguous(),
+                    op, ": bias must be a contiguous float32 CPU tensor of shape [", N, "], got ",
+                    bias->scalar_type(), " ", bias->sizes());
+}
+
+// The static per-tensor activation scale, or 0 for dynamic per-row quantization.
+inline float static_x_scale(const std::optional<Tensor>& x_scale, const char* op) {
+  if (!x_scale) return 0.f;
+  TORCH_CHECK_VALUE(x_scale->numel() == 1 && x_scale->scalar_type() == at::kFloat, op,
+                    ": x_scale must be a one-element float32 tensor (a static per-tensor activation "
+                    "scale), got ", x_scale->scalar_type(), " ", x_scale->sizes());
+  const float s = x_scale->item<float>();
+  TORCH_CHECK_VALUE(std::isfinite(s) && s > 0.f, op, ": x_scale must be finite and > 0, got ", s);
+  return s;
+}
+
+inline cpu::InType in_type(at::ScalarType dt) {
+  return dt == at::kFloat ? cpu::InType::F32 : dt == at::kBFloat16 ? cpu::InType::BF16 : cpu::InType::F16;
+}
+inline cpu::OutType out_type(at::ScalarType dt) {
+  return dt == at::kFloat ? cpu::OutType::F32 : dt == at::kBFloat16 ? cpu::OutType::BF16 : cpu::OutType::F16;
+}
+
+inline auto quant_fn(cpu::Isa isa) {
+  switch (isa) {
+    case cpu::Isa::Amx:
+    case cpu::Isa::Avx512: return cpu::quantize_rows_avx512;
+    case cpu::Isa::Avx2: return cpu::quantize_rows_avx2;
+    default: return cpu::quantize_rows_scalar;
+  }
+}
+
+struct QuantizedX {
+  Tensor a;      // int8 [Mp, Kp]: rows past M and columns past K quantize to 0
+  Tensor scale;  // float32 [M]
+};
+
+// Quantize each row of x2 [M, K] (unit column stride) into a zero-padded [Mp, Kp]
+// scratch; u8 stores q + 128 for the VNNI kernels.
+inline QuantizedX quantize_x(const Tensor& x2, float static_scale, int64_t Mp, int64_t Kp, cpu::Isa isa, bool u8) {
+  const int64_t M = x2.size(0), K = x2.size(1);
+  Tensor ap = at::empty({Mp, Kp}, x2.options().dtype(at::kChar));
+  if (Mp > M) ap.narrow(0, M, Mp - M).fill_(u8 ? -128 : 0);
+  Tensor scale = at::empty({M}, x2.options().dtype(at::kFloat));
+  const auto qf = quant_fn(isa);
+  const cpu::InType t = in_type(x2.scalar_type());
+  const void* xp = x2.data_ptr();
+  const int64_t ldx = x2.stride(0);
+  int8_t* app = ap.data_ptr<int8_t>();
+  float* sp = scale.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+    qf(xp, t, ldx, K, Kp, m0, m1, static_scale, u8, app, sp);
+  });
+  return {ap, scale};
+}
+
+}  // namespace ops
+}  // namespace pysparse
