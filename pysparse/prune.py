@@ -89,6 +89,30 @@ def block_magnitude(module: nn.Module, sparsity: float, block: Optional[tuple[in
     return masks
 
 
+@torch.no_grad()
+def semi_structured(module: nn.Module, skip: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """2:4 magnitude pruning: in every group of 4 consecutive inputs of each output keep
+    the 2 largest |w| (the pattern of GPU sparse tensor cores; 50% sparsity). Layers whose
+    in_features is not a multiple of 4 are left alone. Masks are kept and re-applied
+    before each forward, as with block_magnitude. Returns {layer name: element mask}."""
+    masks = {}
+    for name, lin in _targets(module, skip).items():
+        N, K = lin.weight.shape
+        if K % 4:
+            continue
+        w = lin.weight.detach().float().abs().reshape(N, K // 4, 4)
+        top = w.topk(2, dim=-1).indices
+        m = torch.zeros_like(w).scatter_(-1, top, 1.0).reshape(N, K).to(lin.weight.dtype)
+        if hasattr(lin, "weight_mask"):
+            lin.weight_mask.copy_(m * lin.weight_mask)
+        else:
+            lin.register_buffer("weight_mask", m)
+            lin._pysparse_mask_hook = lin.register_forward_pre_hook(_apply_mask_hook)
+        lin.weight.mul_(lin.weight_mask)
+        masks[name] = lin.weight_mask.bool()
+    return masks
+
+
 def _fix_ties(keep, scores, thresh, n_keep):
     # Equal scores at the threshold: keep just enough of them (first come) for the count.
     have = sum(int(k.sum()) for k in keep.values())

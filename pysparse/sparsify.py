@@ -48,11 +48,12 @@ def sparsify(model: nn.Module, sparsity: float, block: Optional[tuple[int, int]]
 def plan_report(model: nn.Module) -> str:
     """A table of every BlockSparseLinear: shape, density, chosen format and the timings
     behind the choice."""
-    rows = [("layer", "shape (N x K)", "density", "format", "sparse ms", "dense ms")]
+    rows = [("layer", "shape (N x K)", "density", "format", "sparse ms", "dense ms", "2:4 ms")]
     for n, m in model.named_modules():
         if isinstance(m, BlockSparseLinear):
             t = m.timings
             rows.append((n or "<model>", f"{m.out_features} x {m.in_features}", f"{m.density:.3f}", m.format,
-                         f"{t['sparse_ms']:.3f}" if t else "-", f"{t['dense_ms']:.3f}" if t else "-"))
+                         f"{t['sparse_ms']:.3f}" if t else "-", f"{t['dense_ms']:.3f}" if t else "-",
+                         f"{t['semi_structured_ms']:.3f}" if "semi_structured_ms" in t else "-"))
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)

@@ -227,3 +227,19 @@ def test_accuracy_50pct_blocks_int8_with_recovery():
     assert sum(isinstance(m, BlockSparseLinear) for m in sparse.modules()) == 2
     acc = accuracy(sparse, xte, yte)
     assert acc >= base - 0.01, (base, acc)
+
+
+def test_semi_structured_pruning():
+    from pysparse.nn.block_sparse_linear import is_2_4
+
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(30, 6))  # 30 is not a multiple of 4: left alone
+    masks = prune.semi_structured(model)
+    assert list(masks) == ["0"]
+    w = model[0].weight.detach()
+    assert is_2_4(w) and (w != 0).float().mean() == 0.5
+    assert not is_2_4(torch.ones(4, 8))
+
+
+def test_half_blocks_need_a_gpu():
+    with pytest.raises(ValueError, match="GPU"):
+        BlockSparseLinear.from_dense(nn.Linear(64, 64), dtype=torch.bfloat16)

@@ -11,18 +11,27 @@ from .. import formats, ops
 from ..prune import DEFAULT_BLOCK
 from .int8_linear import Int8Linear
 
-FORMATS = ("bsr", "bsr-int8", "dense", "dense-int8")
+FORMATS = ("bsr", "bsr-int8", "dense", "dense-int8", "2:4")
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _median_ms(fn, x, reps: int = 5) -> float:
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     fn(x)
+    sync()
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn(x)
+        sync()
         ts.append(time.perf_counter() - t0)
     ts.sort()
     return ts[len(ts) // 2] * 1e3
+
+
+def is_2_4(w: torch.Tensor) -> bool:
+    """True if every group of 4 consecutive inputs of each output holds at most 2 nonzeros."""
+    return w.shape[1] % 4 == 0 and bool((w.reshape(w.shape[0], -1, 4).ne(0).sum(-1) <= 2).all())
 
 
 class BlockSparseLinear(nn.Module):
@@ -61,15 +70,22 @@ class BlockSparseLinear(nn.Module):
         block: (bn, bk) for fp32 blocks; None picks the CPU kernel's block (64, 32).
         int8 always uses 64 x 64 blocks (one VNNI column chunk x one AMX K tile).
         dtype: None/torch.float32 for fp32 blocks, torch.int8 for int8 blocks (weights
-        per output channel, activations quantized per row at run time).
-        dispatch: "auto" (time sparse vs dense at M in ``probe_m``, keep the faster),
-        "sparse" or "dense" to force one.
+        per output channel, activations quantized per row at run time); on a GPU also
+        torch.float16 / torch.bfloat16 blocks (the Triton kernel).
+        dispatch: "auto" (time sparse vs dense at M in ``probe_m`` on the layer's device,
+        keep the faster; on a GPU with a 2:4-sparse weight and a half dtype, torch's 2:4
+        semi-structured kernel competes too), "sparse" or "dense" to force one.
+        The result lives on ``linear``'s device.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        if dtype not in (None, torch.float32, torch.int8):
-            raise ValueError(f"dtype must be None, torch.float32 or torch.int8 on the CPU, got {dtype} "
-                             "(bf16/fp16 blocks run on the GPU kernel)")
+        device = linear.weight.device
+        if dtype not in (None, torch.float32, torch.int8, *_HALF):
+            raise ValueError(f"dtype must be None, torch.float32, torch.int8, torch.float16 or torch.bfloat16, "
+                             f"got {dtype}")
+        if dtype in _HALF and device.type != "cuda":
+            raise ValueError(f"dtype={dtype} blocks run on the GPU kernel: move the layer to a GPU first, "
+                             "or use torch.float32 / torch.int8 on the CPU")
         if dispatch not in ("auto", "sparse", "dense"):
             raise ValueError(f"dispatch must be 'auto', 'sparse' or 'dense', got {dispatch!r}")
         w = linear.weight.detach().float().cpu()
@@ -85,24 +101,55 @@ class BlockSparseLinear(nn.Module):
             raise ValueError(f"block must be (bn, bk) with bn in 16, 32, 64 and bk >= 1, got {block}")
         N, K = w.shape
         bias = None if linear.bias is None else linear.bias.detach().float().cpu()
+        half = dtype in _HALF
         sparse = cls(K, N, "bsr-int8" if int8 else "bsr", block, activation)
         sparse._build_sparse(w, bias)
+        if half:  # the Triton kernel reads half blocks; bias stays float32
+            sparse.values.data = sparse.values.data.to(dtype)
+        sparse = sparse.to(device)
         if dispatch == "sparse":
             return sparse
         dense = cls(K, N, "dense-int8" if int8 else "dense", block, activation)
         dense.density = sparse.density
         dense._build_dense(w, bias)
+        if half:
+            dense.dense.to(dtype)
+        dense = dense.to(device)
         if dispatch == "dense":
             return dense
+        candidates = {"sparse": sparse, "dense": dense}
+        timings: dict = {"probe_m": list(probe_m)}
+        if half and is_2_4(w):
+            try:
+                candidates["semi_structured"] = cls._semi_structured(w, bias, dtype, device, activation, block)
+            except Exception as e:  # the GPU, torch build or shape does not support it: say why
+                timings["semi_structured_skipped"] = f"{type(e).__name__}: {e}"
+        x_dtype = dtype if half else torch.float32
         with torch.no_grad():
-            t_s = t_d = 0.0
-            for m in probe_m:
-                x = torch.randn(m, K)
-                t_s += _median_ms(sparse, x)
-                t_d += _median_ms(dense, x)
-        keep = sparse if t_s <= t_d else dense
-        keep.timings = {"sparse_ms": t_s, "dense_ms": t_d, "probe_m": list(probe_m)}
+            for name, mod in candidates.items():
+                timings[f"{name}_ms"] = sum(_median_ms(mod, torch.randn(m, K, device=device, dtype=x_dtype))
+                                            for m in probe_m)
+        best = min(candidates, key=lambda n: timings[f"{n}_ms"])
+        keep = candidates[best]
+        keep.timings = timings
         return keep
+
+    @classmethod
+    def _semi_structured(cls, w: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype,
+                         device: torch.device, activation: Optional[str], block) -> "BlockSparseLinear":
+        """The 2:4 format: torch's semi-structured sparse kernels (sm80+ GPUs)."""
+        from torch.sparse import to_sparse_semi_structured
+
+        mod = cls(w.shape[1], w.shape[0], "2:4", block, activation)
+        mod.density = 0.5
+        lin = nn.Linear(w.shape[1], w.shape[0], bias is not None).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if bias is not None:
+                lin.bias.copy_(bias)
+        lin.weight = nn.Parameter(to_sparse_semi_structured(lin.weight.detach()), requires_grad=False)
+        mod.dense = lin
+        return mod
 
     def _build_sparse(self, w: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
         if self.format == "bsr":
@@ -132,7 +179,11 @@ class BlockSparseLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The weight this layer computes with, as a dense float32 [N, K]."""
         if self.dense is not None:
-            return self.dense.dequantized_weight() if isinstance(self.dense, Int8Linear) else self.dense.weight.detach()
+            if isinstance(self.dense, Int8Linear):
+                return self.dense.dequantized_weight()
+            w = self.dense.weight.detach()
+            return (w.to_dense() if hasattr(w, "to_dense") and w.layout == torch.strided and
+                    type(w) is not torch.Tensor else w).float()
         if self.format == "bsr":
             return ops._bsr_dense_weight(self.values.detach(), self.row_ptr, self.col_idx, self.out_features,
                                          self.in_features)
