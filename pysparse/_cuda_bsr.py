@@ -144,7 +144,9 @@ def _dense_weight(values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Te
 def _bsr_linear_dense(x2, values, row_ptr, col_idx, bias, N: int, K: int, relu: bool) -> torch.Tensor:
     """bsr_linear in PyTorch with the Triton kernel's rounding: x cast to the values'
     dtype, float32 products and sums (fp32 matmul: true fp32 unless the user enabled
-    TF32), + bias, ReLU (NaN stays NaN), one cast to x's dtype."""
+    TF32), + bias, ReLU (NaN stays NaN), one cast to x's dtype. One difference: a NaN or
+    Inf in x reaches every output of its row here (it meets the pruned zeros too), while
+    the block kernels spread it only through the stored blocks."""
     w = _dense_weight(values, row_ptr, col_idx, N, K).float()
     y = x2.to(values.dtype).float() @ w.T
     if bias is not None:
@@ -174,7 +176,7 @@ def bsr_linear_cuda(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor
     _check_x(x, K, op, dev)
     _check_bias(bias, N, op, dev)
     K8 = _triton_kernels()
-    x2 = x.reshape(-1, K)
+    x2 = x.reshape(math.prod(x.shape[:-1]), K)  # not (-1, K): K may be 0
     _, bk, bn = values.shape
     why = _block_unsupported(bk, bn, K8.MIN_BLOCK, K8.MAX_BLOCK)
     if why is None:

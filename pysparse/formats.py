@@ -70,9 +70,10 @@ def pack_bsr_f32(w: torch.Tensor, bn: int, bk: int) -> tuple[torch.Tensor, BsrLa
 def bsr_f32_to_dense(values: torch.Tensor, layout: BsrLayout) -> torch.Tensor:
     """Inverse of pack_bsr_f32: the dense weight [N, K] (differentiable in values)."""
     R, KB = -(-layout.N // layout.bn), -(-layout.K // layout.bk)
-    rows = torch.repeat_interleave(torch.arange(R), (layout.row_ptr[1:] - layout.row_ptr[:-1]).long())
+    rp = layout.row_ptr.to(values.device).long()  # index on the values' device (a GPU too)
+    rows = torch.repeat_interleave(torch.arange(R, device=values.device), rp[1:] - rp[:-1])
     dense = values.new_zeros(R * KB, layout.bn, layout.bk)
-    dense = dense.index_put((rows * KB + layout.col_idx.long(),), values.transpose(1, 2))
+    dense = dense.index_put((rows * KB + layout.col_idx.to(values.device).long(),), values.transpose(1, 2))
     dense = dense.reshape(R, KB, layout.bn, layout.bk).permute(0, 2, 1, 3).reshape(R * layout.bn, KB * layout.bk)
     return dense[: layout.N, : layout.K]
 

@@ -15,6 +15,7 @@ import torch
 
 from . import _C  # noqa: F401  (loads the library: schemas + CPU kernels)
 from . import _cuda_ops  # noqa: F401  (Triton kernels for CUDA tensors; registers only)
+from . import _cuda_bsr  # noqa: F401
 
 PACK_N = 64  # csrc/cpu/int8_linear.h kPackN: N padded to the AVX-512 / AMX column chunk
 PACK_K = 64  # kPackK: K padded to one AMX tile of K
@@ -153,7 +154,7 @@ def _bsr_backward(ctx, grad):
         bn, bk = values.shape[2], values.shape[1]
         gw = _blocks(g2.T @ x2, bn, bk)  # [R, KB, bn, bk]
         R = gw.shape[0]
-        rows = torch.repeat_interleave(torch.arange(R), (row_ptr[1:] - row_ptr[:-1]).long())
+        rows = torch.repeat_interleave(torch.arange(R, device=gw.device), (row_ptr[1:] - row_ptr[:-1]).long())
         gv = gw[rows, col_idx.long()].transpose(1, 2).contiguous()
     if ctx.has_bias and ctx.needs_input_grad[4]:
         gb = g2.sum(0)

@@ -11,7 +11,20 @@ network). `make gpu-check` builds the C++ extension in place and runs this.
    CUDA tensors (dynamic activation quantization included), the Triton GEMM alone on
    pre-quantized input, cuBLAS bf16 F.linear, and torch._int_mm (M > 16 only).
 
-Prints a markdown table and writes everything as JSON to --json (default gpu_check.json).
+Block-sparse (pysparse::bsr_linear / bsr_int8_linear on CUDA, pysparse/_cuda_bsr.py):
+
+2b. BlockSparseLinear from ``pysparse.sparsify(..., dispatch="sparse")`` moved to the GPU:
+   fp32/fp16/bf16 blocks against the dense masked weight (within a proven rounding
+   bound), int8 blocks against the C++ CPU op (bit for bit expected) and the dense masked
+   weight (within the activation-quantization bound), the small-block dense fallback,
+   torch.compile(fullgraph=True).
+3b. Timings at K = N = 4096, M in {1, 16, 128, 512}, density in {0.05, 0.1, 0.25, 0.5}
+   (random 64 x 64 blocks): our Triton BSR (bf16, best of three block shapes; eager and
+   CUDA graph), our int8 BSR op, cuBLAS bf16 F.linear, torch._int_mm (M > 16),
+   torch.sparse._triton_ops.bsr_dense_mm on the same weight, and 2:4 semi-structured
+   sparsity (torch.sparse.to_sparse_semi_structured; at density 0.5).
+
+Prints markdown tables and writes everything as JSON to --json (default gpu_check.json).
 Exit status: 0 when all passed (or no CUDA device: "no CUDA device: skipped"), 1 when a
 test or check failed, 2 when the setup (imports) failed.
 """
@@ -238,24 +251,28 @@ def gpu_checks(K8) -> list:
 
 
 # ------------------------------------------------------------------------------ 3. timings
+def time_ms(fn, graph=False):
+    """Median ms of fn (triton.testing.do_bench, or do_bench_cudagraph: no launch overhead);
+    None (and a log line) when it fails."""
+    import torch
+    import triton.testing as tt
+    try:
+        fn()
+        torch.cuda.synchronize()  # the first call autotunes; keep it out of the timing
+        if graph:
+            return tt.do_bench_cudagraph(fn, return_mode="median")
+        return tt.do_bench(fn, return_mode="median")
+    except Exception as e:
+        log(f"    timing failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return None
+
+
 def bench(K8) -> list:
     import torch
     import torch.nn.functional as F
-    import triton.testing as tt
     ops = torch.ops.pysparse
     rows = []
     torch.manual_seed(0)
-
-    def time_ms(fn, graph=False):
-        try:
-            fn()
-            torch.cuda.synchronize()  # the first call autotunes; keep it out of the timing
-            if graph:
-                return tt.do_bench_cudagraph(fn, return_mode="median")
-            return tt.do_bench(fn, return_mode="median")
-        except Exception as e:
-            log(f"    timing failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            return None
 
     for N, K in SHAPES_NK:
         w = torch.randn(N, K, device="cuda")
@@ -302,6 +319,360 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------ block-sparse (2b, 3b)
+# Module-level so that a CPU dry run (interpreted kernels) can shrink them and point
+# DEVICE at the CPU; on a GPU machine they are what the docstring says.
+DEVICE = "cuda"
+BSR_CHECK_NK = [(130, 300), (1000, 4096)]  # (N, K): edge blocks; a real layer's K
+BSR_NK = 4096  # timings: K = N
+BSR_MS = [1, 16, 128, 512]
+BSR_DENSITIES = [0.05, 0.1, 0.25, 0.5]
+# (bn, bk) of our bf16 kernel, best one kept per row. The weight is pruned in 64 x 64
+# blocks, so each of these stores exactly the same nonzeros; a narrower bn gives decode
+# (M <= 16) more programs: 4096 / 64 = 64 block rows would leave half of 132 SMs idle.
+BSR_SHAPES = [(64, 64), (32, 64), (16, 64)]
+U32 = 2.0 ** -24  # float32 unit roundoff
+
+
+def fp32_sum_bound(x, w, bias):
+    """Elementwise bound on |float32 x @ w^T + bias - exact| for any summation order:
+    (K + 2) u (|x| @ |w|^T + |bias|) (gamma_K for the sum, one rounding for the bias)."""
+    K = x.shape[-1]
+    mag = x.reshape(-1, K).double().abs() @ w.double().abs().T
+    if bias is not None:
+        mag = mag + bias.double().abs()
+    return (K + 2) * U32 * mag
+
+
+def bsr_checks(KB) -> "Checks":
+    """BlockSparseLinear from pysparse.sparsify(..., dispatch="sparse") moved to the GPU,
+    against the dense masked weight (float blocks) and the CPU op (int8 blocks)."""
+    import copy
+    import warnings
+
+    import torch
+    import pysparse
+    from pysparse.nn import BlockSparseLinear
+    c = Checks()
+    torch.manual_seed(0)
+    # One rounding to the output dtype: at most 2**-11 (fp16) / 2**-8 (bf16) of |y|, taken
+    # twice over; below fp16's normal range the spacing is absolute, 2**-24.
+    ulp = {torch.float32: 0.0, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+    tiny = {torch.float32: 1e-38, torch.float16: 2.0 ** -24, torch.bfloat16: 1e-38}
+
+    def float_blocks():
+        notes, worst = [], 0.0
+        # Few cases: every (dtype, block, shape, bias / ReLU) variant compiles and autotunes
+        # up to 13 Triton configs (x shapes: M = 1 and 15 share the decode configs).
+        (n0, k0), (n1, k1) = BSR_CHECK_NK
+        cases = [(n0, k0, (64, 32), None), (n1, k1, (64, 64), "relu"), (n0, k0, (16, 16), None)]
+        for N, K, blk, act in cases:
+            lin = torch.nn.Linear(K, N)
+            m = pysparse.sparsify(lin, 0.75, block=blk, dispatch="sparse")  # prunes lin in place too
+            if act:
+                m = BlockSparseLinear.from_dense(lin, block=blk, activation=act, dispatch="sparse")
+            assert m.format == "bsr", m.format
+            w = m.dense_weight().float()  # the dense masked weight
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                md = copy.deepcopy(m).to(DEVICE)
+                md = md.half() if dtype == torch.float16 else md.bfloat16() if dtype == torch.bfloat16 else md
+                assert md.values.dtype == dtype and md.bias.dtype == torch.float32
+                b = md.bias.detach().cpu()  # float32 again, but rounded through dtype by .half() / .bfloat16()
+                for shape in ((1, K), (3, 5, K), (300, K)):
+                    x = torch.randn(shape)
+                    y = md(x.to(DEVICE, dtype)).cpu()
+                    # Reference: the kernel's rounded operands (x and weight in dtype), exact sums.
+                    xr, wr = x.to(dtype).double(), w.to(dtype).double()
+                    ref = xr.reshape(-1, K) @ wr.T + b.double()
+                    if act:
+                        ref = ref.relu()
+                    # One float32 sum (bound above), then one rounding to dtype (<= 1 ulp).
+                    bound = fp32_sum_bound(xr, wr, b) + ulp[dtype] * ref.abs() + tiny[dtype]
+                    err = (y.reshape(ref.shape).double() - ref).abs()
+                    if y.dtype != dtype or y.shape != (*shape[:-1], N) or not bool((err <= bound).all()):
+                        raise AssertionError(f"N,K={N},{K} block={blk} {dtype} x{tuple(shape)}: "
+                                             f"max err/bound {(err / bound).max().item():.3g}")
+                    worst = max(worst, (err / bound).max().item())
+            notes.append(f"{N}x{K}/{blk[0]}x{blk[1]}")
+        return f"within bound (worst err/bound {worst:.2f}): {', '.join(notes)}; fp32/fp16/bf16 blocks"
+    c.run("BlockSparseLinear bsr .to(GPU)/.half()/.bfloat16() vs dense masked weight", float_blocks)
+
+    def small_block_fallback():
+        N, K = BSR_CHECK_NK[0]
+        lin = torch.nn.Linear(K, N)
+        m = pysparse.sparsify(lin, 0.5, block=(16, 8), dispatch="sparse")
+        w = m.dense_weight()  # on the CPU module: formats.bsr_f32_to_dense indexes with CPU tensors
+        m = m.to(DEVICE)
+        x = torch.randn(5, K)
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            y = m(x.to(DEVICE)).cpu()
+        ref = (x.double() @ w.double().T + lin.bias.detach().double())
+        bound = fp32_sum_bound(x, w, lin.bias.detach()) + 1e-30
+        if not bool(((y.double() - ref).abs() <= bound).all()):
+            raise AssertionError("dense fallback out of bound")
+        said = [str(r.message) for r in rec if "Triton" in str(r.message)]
+        return (said[0][:90] + "...") if said else "no warning (already warned in this process?)"
+    c.run("bsr_linear 16x8 blocks: dense fallback on CUDA", small_block_fallback)
+
+    def int8_blocks():
+        notes, all_exact = [], True
+        for N, K in BSR_CHECK_NK:
+            lin = torch.nn.Linear(K, N)
+            m = pysparse.sparsify(lin, 0.75, dtype=torch.int8, dispatch="sparse")
+            assert m.format == "bsr-int8", m.format
+            md = copy.deepcopy(m).to(DEVICE)
+            if DEVICE == "cuda" and tuple(md.values.shape[1:]) != (64, 64):
+                raise AssertionError(f"values not re-laid k-major on the GPU: {tuple(md.values.shape)}")
+            wdq, b = m.dense_weight().double(), m.bias_f32.double()
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                for shape in ((1, K), (3, 5, K), (300, K)):
+                    x = (torch.randn(shape) * 3).to(dtype)
+                    ref_cpu = m(x)  # the C++ CPU op
+                    y = md(x.to(DEVICE))
+                    eq, diff = same_bits(y, ref_cpu)
+                    if not eq:
+                        all_exact = False
+                        notes.append(f"{N}x{K} {dtype} x{tuple(shape)}: max|diff| {diff:.3g}")
+                        if diff > 1e-2 * max(ref_cpu.abs().max().item(), 1.0):
+                            raise AssertionError("; ".join(notes))
+                    # Dense masked reference on the float x: per-row activation rounding is at
+                    # most s_x / 2 per element (s_x = amax / 127), so |y - ref| <= s_x / 2 *
+                    # sum_k |w_k|; plus the float32 epilogue (a few roundings of magnitudes up
+                    # to mag, 8u covers them) and the output rounding.
+                    x2 = x.reshape(-1, K).double()
+                    ref = x2 @ wdq.T + b
+                    sx = x2.abs().amax(1, keepdim=True) / 127
+                    qerr = sx / 2 * wdq.abs().sum(1)
+                    mag = (x2.abs() + sx / 2) @ wdq.abs().T + b.abs()
+                    bound = qerr + 8 * U32 * mag + ulp[dtype] * (ref.abs() + qerr) + tiny[dtype]
+                    if not bool(((y.cpu().reshape(ref.shape).double() - ref).abs() <= bound).all()):
+                        raise AssertionError(f"{N}x{K} {dtype}: off the dense masked reference")
+            back = md.cpu()  # the layout converts back
+            x = torch.randn(3, K)
+            if not torch.equal(back(x), m(x)):
+                raise AssertionError("BlockSparseLinear int8 moved GPU -> CPU changed its output")
+        return ("bit-exact vs CPU op" if all_exact else "close to CPU op, NOT bit-exact: " + "; ".join(notes[:4])) + \
+            "; within the quantization bound of the dense masked weight"
+    c.run("BlockSparseLinear bsr-int8 .to(GPU) vs CPU op and dense masked weight", int8_blocks)
+
+    def built_on_gpu():
+        # from_dense on a GPU layer (half blocks allowed there) == the CPU-built layer moved.
+        N, K = BSR_CHECK_NK[0]
+        lin = torch.nn.Linear(K, N, bias=False)
+        pysparse.sparsify(lin, 0.75, block=(64, 64), dispatch="sparse")  # prune lin once, on the CPU
+        x = torch.randn(9, K)
+        done = []
+        for dtype in ((torch.float16, torch.bfloat16, torch.int8) if DEVICE == "cuda" else (torch.int8,)):
+            # sparsity 0: convert the zeros as they are (no second pruning on either device)
+            mg = pysparse.sparsify(copy.deepcopy(lin).to(DEVICE), 0.0, block=(64, 64), dtype=dtype,
+                                   dispatch="sparse")
+            mc = pysparse.sparsify(copy.deepcopy(lin), 0.0, block=(64, 64),
+                                   dtype=torch.int8 if dtype == torch.int8 else None, dispatch="sparse").to(DEVICE)
+            if dtype != torch.int8:
+                mc.values.data = mc.values.data.to(dtype)
+            xd = x.to(DEVICE, torch.bfloat16 if dtype == torch.int8 else dtype)
+            if mg.values.device != xd.device or not torch.equal(mg(xd), mc(xd)):
+                raise AssertionError(f"{dtype}: built on {DEVICE} != built on the CPU and moved")
+            done.append(str(dtype).split(".")[-1])
+        return "equal: " + ", ".join(done)
+    c.run("sparsify(GPU layer, dtype=fp16/bf16/int8) == CPU-built layer moved", built_on_gpu)
+
+    def compiled():
+        lin = torch.nn.Linear(256, 192)
+        for m, dtype in ((pysparse.sparsify(copy.deepcopy(lin), 0.5, block=(64, 64), dispatch="sparse"), torch.bfloat16),
+                         (pysparse.sparsify(copy.deepcopy(lin), 0.5, dtype=torch.int8, dispatch="sparse"), torch.float16)):
+            m = m.to(DEVICE)
+            if m.format == "bsr":
+                m = m.to(dtype)
+            x = torch.randn(8, 256, device=DEVICE, dtype=dtype)
+            with torch.no_grad():
+                ref = m(x)
+                y = torch.compile(m, fullgraph=True)(x)
+            if not torch.equal(y, ref):
+                raise AssertionError(f"{m.format}: torch.compile(fullgraph=True) output differs from eager")
+        return "bsr (bf16) and bsr-int8 equal eager"
+    c.run("torch.compile(fullgraph=True) of BlockSparseLinear on CUDA", compiled)
+    return c
+
+
+def block_pruned(N, K, density, gen, block=64):
+    """float32 [N, K] on DEVICE with round(density * blocks) random nonzero 64 x 64 blocks."""
+    import torch
+    R, KB = -(-N // block), -(-K // block)
+    keep = torch.zeros(R * KB, dtype=torch.bool)
+    keep[torch.randperm(R * KB, generator=gen)[:max(1, round(density * R * KB))]] = True
+    mask = keep.view(R, 1, KB, 1).expand(R, block, KB, block).reshape(R * block, KB * block)[:N, :K]
+    return (torch.randn(N, K, generator=gen) * 0.02 * mask).to(DEVICE)
+
+
+def prune_2_4(w):
+    """Keep the 2 largest |w| of every 4 consecutive inputs (the 2:4 pattern)."""
+    import torch
+    N, K = w.shape
+    g = w.reshape(N, K // 4, 4)
+    mask = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.abs().topk(2, dim=-1).indices, True)
+    return (g * mask).reshape(N, K)
+
+
+def semi_structured(w24):
+    """(2:4 tensor, backend) by torch.sparse.to_sparse_semi_structured, cuSPARSELt first
+    then CUTLASS; (None, why) where neither works (needs sm80+ and a CUDA torch)."""
+    import torch
+    if DEVICE != "cuda" or torch.cuda.get_device_capability()[0] < 8:
+        return None, "needs a CUDA device of sm80+"
+    S = torch.sparse.SparseSemiStructuredTensor
+    why = []
+    for force_cutlass in (False, True):
+        old = S._FORCE_CUTLASS
+        try:
+            S._FORCE_CUTLASS = force_cutlass
+            t = torch.sparse.to_sparse_semi_structured(w24)
+            return t, t.BACKEND
+        except Exception as e:
+            why.append(f"{'cutlass' if force_cutlass else 'cusparselt'}: {type(e).__name__}: {str(e)[:80]}")
+        finally:
+            S._FORCE_CUTLASS = old
+    return None, "; ".join(why)
+
+
+def rel_err(y, ref) -> float:
+    y, ref = y.float(), ref.float()
+    return ((y - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def bsr_bench(KB) -> tuple[list, list]:
+    """Block-sparse timings at K = N = BSR_NK: rows, and the sanity failures (a timed
+    result far from the dense bf16 product)."""
+    import torch
+    import torch.nn.functional as F
+    from pysparse import formats
+    ops = torch.ops.pysparse
+    N = K = BSR_NK
+    gen = torch.Generator().manual_seed(0)
+    no_torch_bsr = ""
+    try:
+        from torch.sparse._triton_ops import bsr_dense_mm
+    except Exception as e:  # torch without its Triton sparse kernels
+        bsr_dense_mm, no_torch_bsr = None, f"{type(e).__name__}: {e}"
+    if bsr_dense_mm is None:  # also None where torch found no usable Triton
+        no_torch_bsr = no_torch_bsr or "torch.sparse._triton_ops.bsr_dense_mm is None (no usable Triton)"
+        log(f"  torch BSR: n/a ({no_torch_bsr})")
+    bad, rows = [], []
+
+    def sane(name, y, ref, tol):
+        e = rel_err(y, ref)
+        if not e <= tol:
+            bad.append(f"{name}: relative error {e:.3g} > {tol}")
+            log(f"    WRONG {name}: relative error {e:.3g}")
+        return e
+
+    w_full = (torch.randn(N, K, generator=gen) * 0.02).to(DEVICE)
+    w_full_bf16 = w_full.to(torch.bfloat16)
+    w_q_full = torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8).to(DEVICE)
+    w24 = prune_2_4(w_full).to(torch.bfloat16)
+    w24_s, semi_backend = semi_structured(w24)
+    if w24_s is None:
+        log(f"  2:4 semi-structured: n/a ({semi_backend})")
+    weights = {}
+    for d in BSR_DENSITIES:
+        w = block_pruned(N, K, d, gen)
+        wb = w.to(torch.bfloat16)
+        p = formats.pack_bsr_int8(w)  # the layer's path: CPU packing, then the GPU layout
+        wq = {"values": formats.int8_blocks_to_kmajor(p.values).to(DEVICE), "row_ptr": p.layout.row_ptr.to(DEVICE),
+              "col_idx": p.layout.col_idx.to(DEVICE), "colsum": p.colsum.to(DEVICE), "w_scale": p.w_scale.to(DEVICE),
+              "ref": (p.q.float() * p.w_scale[0, :N, None]).to(DEVICE, torch.bfloat16)}
+        bsr = {s: KB.dense_to_bsr(wb, *s) for s in BSR_SHAPES}
+        try:
+            tb = wb.to_sparse_bsr((64, 64))
+        except Exception as e:
+            tb = f"{type(e).__name__}: {str(e)[:80]}"
+        weights[d] = (wb, wq, bsr, tb)
+
+    with torch.no_grad():
+        for M in BSR_MS:
+            x = torch.randn(M, K, generator=gen).to(DEVICE, torch.bfloat16)
+            x_q = torch.randint(-128, 128, (M, K), generator=gen, dtype=torch.int8).to(DEVICE)
+            base = {"bf16_ms": time_ms(lambda: F.linear(x, w_full_bf16)),
+                    "bf16_graph_ms": time_ms(lambda: F.linear(x, w_full_bf16), graph=True),
+                    "int_mm_ms": time_ms(lambda: torch._int_mm(x_q, w_q_full.t())) if M > 16 else None}
+            semi_ms = None
+            if w24_s is not None:
+                sane(f"2:4 M={M}", F.linear(x, w24_s), F.linear(x, w24), 1e-2)
+                semi_ms = time_ms(lambda: F.linear(x, w24_s))
+            # torch's bsr_dense_mm computes W @ x^T and wants x^T's columns (M) a multiple of 16
+            Mp = -(-M // 16) * 16
+            xt = torch.zeros(K, Mp, device=DEVICE, dtype=torch.bfloat16)
+            xt[:, :M] = x.t()
+            for d in BSR_DENSITIES:
+                wb, wq, bsr, tb = weights[d]
+                ref = F.linear(x, wb)
+                r = {"M": M, "N": N, "K": K, "density": d, **base}
+                by_shape = {}
+                for s, (v, rp, ci) in bsr.items():
+                    fn = (lambda v=v, rp=rp, ci=ci: ops.bsr_linear(x, v, rp, ci, None, N, K))
+                    sane(f"bsr bf16 {s} M={M} d={d}", fn(), ref, 1e-2)
+                    by_shape[f"{s[0]}x{s[1]}"] = time_ms(fn)
+                ok = {k: v for k, v in by_shape.items() if v is not None}
+                best = min(ok, key=ok.get) if ok else None
+                r["bsr_bf16_ms_by_block"] = by_shape
+                r["bsr_bf16_block"] = best
+                r["bsr_bf16_ms"] = ok.get(best)
+                if best:
+                    v, rp, ci = bsr[tuple(int(t) for t in best.split("x"))]
+                    r["bsr_bf16_graph_ms"] = time_ms(lambda: ops.bsr_linear(x, v, rp, ci, None, N, K), graph=True)
+                fn8 = (lambda: ops.bsr_int8_linear(x, wq["values"], wq["row_ptr"], wq["col_idx"], wq["colsum"],
+                                                   wq["w_scale"], None, None, N, K))
+                sane(f"bsr int8 M={M} d={d}", fn8(), F.linear(x, wq["ref"]), 5e-2)
+                r["bsr_int8_ms"] = time_ms(fn8)
+                r["bsr_int8_graph_ms"] = time_ms(fn8, graph=True)
+                r["torch_bsr_ms"], r["torch_bsr_note"] = None, "M padded to 16" if Mp != M else ""
+                if bsr_dense_mm is None or isinstance(tb, str):
+                    r["torch_bsr_note"] = no_torch_bsr if bsr_dense_mm is None else tb
+                else:
+                    try:
+                        sane(f"torch bsr_dense_mm M={M} d={d}", bsr_dense_mm(tb, xt)[:, :M].t(), ref, 1e-2)
+                        r["torch_bsr_ms"] = time_ms(lambda: bsr_dense_mm(tb, xt))
+                    except Exception as e:
+                        r["torch_bsr_note"] = f"{type(e).__name__}: {str(e)[:80]}"
+                        log(f"    torch BSR failed: {r['torch_bsr_note']}")
+                r["semi24_ms"] = semi_ms if d == 0.5 else None
+                r["semi24_backend"] = semi_backend if d == 0.5 else None
+                for k in ("bsr_bf16", "bsr_int8", "torch_bsr", "semi24", "int_mm"):
+                    a, b = r.get(f"{k}_ms"), r["bf16_ms"]
+                    r[f"{k}_speedup_vs_bf16"] = round(b / a, 3) if a and b else None
+                a, b = r.get("bsr_bf16_graph_ms"), r["bf16_graph_ms"]
+                r["bsr_bf16_graph_speedup_vs_bf16_graph"] = round(b / a, 3) if a and b else None
+                rows.append(r)
+                log(f"  M={M:4d} density={d:<4}: " + ", ".join(
+                    f"{k[:-3]}={v:.4f}" for k, v in r.items() if k.endswith("_ms") and v is not None))
+    return rows, bad
+
+
+def bsr_table(rows) -> str:
+    def cell(ms, speedup):
+        return "n/a" if ms is None else f"{ms:.4f} ({speedup:.2f}x)"
+
+    head = ("| M | density | cuBLAS bf16 ms | BSR bf16 (block) | BSR bf16 graph | BSR int8 | torch BSR | 2:4 "
+            "| _int_mm |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r['M']} | {r['density']} | {fmt(r['bf16_ms'])} "
+            f"| {cell(r['bsr_bf16_ms'], r['bsr_bf16_speedup_vs_bf16'])} {r['bsr_bf16_block'] or ''} "
+            f"| {cell(r.get('bsr_bf16_graph_ms'), r['bsr_bf16_graph_speedup_vs_bf16_graph'])} "
+            f"| {cell(r['bsr_int8_ms'], r['bsr_int8_speedup_vs_bf16'])} "
+            f"| {cell(r['torch_bsr_ms'], r['torch_bsr_speedup_vs_bf16'])} "
+            f"| {cell(r['semi24_ms'], r['semi24_speedup_vs_bf16']) if r['density'] == 0.5 else '-'} "
+            f"| {cell(r['int_mm_ms'], r['int_mm_speedup_vs_bf16']) if r['int_mm_ms'] else '-'} |")
+    lines.append("")
+    lines.append(f"K = N = {BSR_NK}, bf16 activations; ms = do_bench median (L2 flushed), (speedup vs cuBLAS bf16 "
+                 "dense); graph: both sides in CUDA graphs; BSR int8 includes activation quantization; torch BSR "
+                 "= torch.sparse._triton_ops.bsr_dense_mm (64x64, x^T padded to 16 columns); 2:4 and _int_mm "
+                 "are dense-shape peers (2:4 at 50%).")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -309,6 +680,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pytest-timeout", type=int, default=300, help="seconds for the pytest run")
     ap.add_argument("--skip-tests", action="store_true", help="skip the pytest run")
     ap.add_argument("--skip-bench", action="store_true", help="skip the timings")
+    ap.add_argument("--skip-int8", action="store_true", help="skip the dense int8 checks and timings")
+    ap.add_argument("--skip-bsr", action="store_true", help="skip the block-sparse checks and timings")
     args = ap.parse_args(argv)
 
     try:
@@ -342,11 +715,12 @@ def main(argv=None) -> int:
         import triton
         import pysparse  # noqa: F401
         import pysparse.ops  # noqa: F401  (fake kernels: torch.compile)
-        from pysparse import _cuda_ops
+        from pysparse import _cuda_bsr, _cuda_ops
         report["triton"] = triton.__version__
-        if not _cuda_ops.REGISTERED:
-            raise RuntimeError("pysparse._cuda_ops registered no CUDA kernels (is triton installed?)")
+        if not (_cuda_ops.REGISTERED and _cuda_bsr.REGISTERED):
+            raise RuntimeError("pysparse._cuda_ops / _cuda_bsr registered no CUDA kernels (is triton installed?)")
         K8 = _cuda_ops._triton_kernels()
+        KB = _cuda_bsr._triton_kernels()
     except Exception as e:
         report["setup_error"] = f"{type(e).__name__}: {e}"
         log(f"setup failed: {report['setup_error']}")
@@ -355,20 +729,42 @@ def main(argv=None) -> int:
         return 2
     log(f"triton {report['triton']}")
 
-    log("\n## 2. compiled-kernel checks")
-    checks = gpu_checks(K8)
-    report["checks"] = checks.results
-    if not checks.ok:
+    checks_ok = True
+    if not args.skip_int8:
+        log("\n## 2. compiled-kernel checks")
+        checks = gpu_checks(K8)
+        report["checks"] = checks.results
+        checks_ok = checks.ok
+    if not args.skip_bsr:
+        log("\n## 2b. block-sparse checks")
+        bchecks = bsr_checks(KB)
+        report["bsr_checks"] = bchecks.results
+        checks_ok = checks_ok and bchecks.ok
+    if not checks_ok:
         status = 1
 
     if not args.skip_bench:
-        log("\n## 3. timings (triton.testing.do_bench, median, ms)")
-        rows = bench(K8)
-        report["bench"] = rows
-        cache = getattr(K8._int8_gemm_kernel, "cache", {})
-        report["autotune"] = {str(k): str(v) for k, v in cache.items()}
-        log("\n" + table(rows))
-        if not checks.ok:
+        tables = []
+        if not args.skip_int8:
+            log("\n## 3. timings (triton.testing.do_bench, median, ms)")
+            rows = bench(K8)
+            report["bench"] = rows
+            cache = getattr(K8._int8_gemm_kernel, "cache", {})
+            report["autotune"] = {str(k): str(v) for k, v in cache.items()}
+            tables.append(table(rows))
+        if not args.skip_bsr:
+            log("\n## 3b. block-sparse timings (triton.testing.do_bench, median, ms)")
+            rows, bad = bsr_bench(KB)
+            report["bsr_bench"] = rows
+            report["bsr_bench_wrong"] = bad
+            report["bsr_autotune"] = {str(k): str(v) for k, v in getattr(KB._bsr_kernel, "cache", {}).items()}
+            report["bsr_table"] = bsr_table(rows)
+            tables.append(report["bsr_table"])
+            if bad:
+                status = 1
+        for t in tables:
+            log("\n" + t)
+        if not checks_ok:
             log("\n(some checks FAILED: the timings above are of wrong kernels)")
 
     report["seconds"] = round(time.time() - t_start, 1)

@@ -187,16 +187,19 @@ class BlockSparseLinear(nn.Module):
         if self.format == "bsr":
             return ops._bsr_dense_weight(self.values.detach(), self.row_ptr, self.col_idx, self.out_features,
                                          self.in_features)
-        from ..formats import INT8_BLOCK, BsrLayout, _blocks  # noqa: F401
         dense = torch.zeros(self.out_features, self.in_features)
         R = self.row_ptr.numel() - 1
-        rows = torch.repeat_interleave(torch.arange(R), (self.row_ptr[1:] - self.row_ptr[:-1]).long())
-        blk = self.values.reshape(-1, 4, 16, 16, 4).permute(0, 1, 3, 2, 4).reshape(-1, 64, 64).float()
+        rows = torch.repeat_interleave(torch.arange(R), (self.row_ptr[1:] - self.row_ptr[:-1]).long().cpu())
+        v = self.values.detach().cpu()
+        # [n][k] blocks from either layout: k-major [nnzb, 64, 64] on a GPU, VNNI order on the CPU
+        blk = (v.transpose(1, 2) if v.dim() == 3 else
+               v.reshape(-1, 4, 16, 16, 4).permute(0, 1, 3, 2, 4).reshape(-1, 64, 64)).float()
+        cols = self.col_idx.cpu()
         for j in range(blk.shape[0]):
-            n0, k0 = int(rows[j]) * 64, int(self.col_idx[j]) * 64
+            n0, k0 = int(rows[j]) * 64, int(cols[j]) * 64
             n1, k1 = min(n0 + 64, self.out_features), min(k0 + 64, self.in_features)
             dense[n0:n1, k0:k1] = blk[j, : n1 - n0, : k1 - k0]
-        return dense * self.w_scale[0, : self.out_features, None]
+        return (dense * self.w_scale[0, : self.out_features, None].cpu()).to(self.values.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         relu = self.activation == "relu"
