@@ -1,7 +1,5 @@
 """Shared fixtures: the CPU ISA paths this machine can run (each forced through
 PYSPARSE_CPU_ISA, so every path at or below the best one is tested here)."""
-import os
-
 import pytest
 import torch
 
@@ -27,6 +25,5 @@ def isa(request, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _seed():
+    """Every test starts from the same random state (failures reproduce)."""
     torch.manual_seed(0)
-    yield
-    os.environ.pop("PYSPARSE_CPU_ISA", None) if os.environ.get("PYSPARSE_CPU_ISA") == "" else None
