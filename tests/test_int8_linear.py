@@ -250,3 +250,9 @@ def test_cpu_info():
     assert info["ops"]["int8_linear"] == f"cpu-{info['selected_isa']}"
     if info["features"]["avx512_vnni"] and info["features"]["avx512bw"]:
         assert info["best_isa"] in ("avx512", "amx")
+
+
+def test_k_too_large_for_int32_is_an_error():
+    # K = 131072 could overflow int32 (all -128 x -128): refuse rather than wrap silently
+    with pytest.raises(ValueError, match="too large"):
+        ops.int8_pack(torch.zeros(1, 131072, dtype=torch.int8))

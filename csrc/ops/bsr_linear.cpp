@@ -98,6 +98,7 @@ Tensor bsr_int8_linear(const Tensor& x, const Tensor& values, const Tensor& row_
                     "bsr_int8_linear: values must be a contiguous int8 CPU tensor [nnzb, 4096], got ",
                     values.scalar_type(), " ", values.sizes());
   TORCH_CHECK_VALUE(N >= 0 && K >= 0, "bsr_int8_linear: N, K must be >= 0");
+  ops::check_k(K, "bsr_int8_linear");
   const int64_t nnzb = values.size(0), R = (N + B - 1) / B, KB = (K + B - 1) / B;
   const int64_t Np = R * B, Kp = std::max<int64_t>(KB, 1) * B;
   check_bsr(row_ptr, col_idx, nnzb, R, KB, "bsr_int8_linear");

@@ -51,6 +51,13 @@ inline float static_x_scale(const std::optional<Tensor>& x_scale, const char* op
   return s;
 }
 
+// int32 accumulation is exact while K * 128 * 128 < 2^31 (every product -128 x -128).
+constexpr int64_t kMaxK = ((int64_t(1) << 31) - 1) / (128 * 128);  // 131071
+inline void check_k(int64_t K, const char* op) {
+  TORCH_CHECK_VALUE(K <= kMaxK, op, ": K=", K, " is too large for exact int32 accumulation (K <= ", kMaxK,
+                    "); split the layer along K");
+}
+
 inline cpu::InType in_type(at::ScalarType dt) {
   return dt == at::kFloat ? cpu::InType::F32 : dt == at::kBFloat16 ? cpu::InType::BF16 : cpu::InType::F16;
 }

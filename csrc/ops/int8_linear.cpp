@@ -63,6 +63,7 @@ void run_gemm(const GemmArgs& g, Isa isa) {
 void check_packed(const Tensor& packed, const Tensor& colsum, int64_t N, int64_t K,
                   const char* op) {
   TORCH_CHECK_VALUE(N >= 0 && K >= 0, op, ": N and K must be >= 0, got N=", N, ", K=", K);
+  ops::check_k(K, op);
   TORCH_CHECK_VALUE(packed.scalar_type() == at::kChar && packed.dim() == 2 && packed.is_contiguous(),
                     op, ": packed weight must be a contiguous 2-D int8 tensor from "
                     "pysparse::int8_pack, got ", packed.scalar_type(), " of shape ", packed.sizes());
@@ -89,6 +90,7 @@ std::tuple<Tensor, Tensor> int8_pack(const Tensor& w, int64_t group_size) {
                     "int8_pack: group_size must be 0 (per output channel) or a positive multiple of ",
                     kPackK, ", got ", group_size);
   const int64_t N = w.size(0), K = w.size(1);
+  ops::check_k(K, "int8_pack");
   const int64_t Np = round_up(N, kPackN);
   const int64_t Kp = group_size ? std::max<int64_t>(round_up(K, group_size), group_size)
                                 : std::max<int64_t>(round_up(K, kPackK), kPackK);
