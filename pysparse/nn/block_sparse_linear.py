@@ -182,8 +182,9 @@ class BlockSparseLinear(nn.Module):
             if isinstance(self.dense, Int8Linear):
                 return self.dense.dequantized_weight()
             w = self.dense.weight.detach()
-            return (w.to_dense() if hasattr(w, "to_dense") and w.layout == torch.strided and
-                    type(w) is not torch.Tensor else w).float()
+            if type(w) is not torch.Tensor:  # the 2:4 format's SparseSemiStructuredTensor
+                w = w.to_dense()
+            return w.float()
         if self.format == "bsr":
             return ops._bsr_dense_weight(self.values.detach(), self.row_ptr, self.col_idx, self.out_features,
                                          self.in_features)
