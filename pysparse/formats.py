@@ -100,7 +100,13 @@ def pack_bsr_int8(w: torch.Tensor, q: Optional[torch.Tensor] = None,
     bn, bk = INT8_BLOCK
     if q is None:
         q, scale = quantize_weight(w)
+    elif scale is None:
+        raise ValueError("pack_bsr_int8: scale [N, 1] is required when q is given")
     mask = block_mask(w, bn, bk)
+    # Keep only the stored blocks of q: the column sums (VNNI compensation) and the
+    # reference must see exactly what the kernel multiplies.
+    em = mask[:, None, :, None].expand(-1, bn, -1, bk).reshape(mask.shape[0] * bn, mask.shape[1] * bk)[:N, :K]
+    q = (q.cpu() * em).to(torch.int8)
     layout = _layout(mask, N, K, bn, bk)
     qb = _blocks(q, bn, bk)[mask]  # [nnzb, 64 n, 64 k]
     # [n][k] -> [4 column blocks][16 k-groups][16 columns][4 k]

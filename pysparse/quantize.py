@@ -17,8 +17,15 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
 
 
 def _linears(model: nn.Module, skip: Iterable[str]) -> dict[str, nn.Linear]:
-    return {n: m for n, m in model.named_modules()
+    """Every place (name) an nn.Linear sits, a module used twice under each of its names."""
+    return {n: m for n, m in model.named_modules(remove_duplicate=False)
             if type(m) is nn.Linear and not _skipped(n, skip)}
+
+
+def _replace(model: nn.Module, converted: dict[str, nn.Module]) -> None:
+    for name, new in converted.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 @torch.no_grad()
@@ -29,15 +36,19 @@ def _calibrate(model: nn.Module, layers: dict[str, nn.Linear], data: Iterable[An
     amax: dict[str, torch.Tensor] = {}
 
     def hook(name):
-        def f(mod, args):
-            x = args[0].detach().float().reshape(-1, mod.in_features)
+        def f(mod, args, kwargs):
+            x = (args[0] if args else kwargs["input"]).detach().float().reshape(-1, mod.in_features)
             if not torch.isfinite(x).all():
                 raise ValueError(f"calibration_data: the input of layer {name!r} holds NaN or Inf")
             cur = x.abs().amax(dim=0) if x.shape[0] else torch.zeros(mod.in_features, device=x.device)
             amax[name] = cur if name not in amax else torch.maximum(amax[name], cur)
         return f
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    # One hook per module (a module used under two names sees both inputs).
+    first = {}
+    for n, m in layers.items():
+        first.setdefault(id(m), n)
+    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in layers.items() if first[id(m)] == n]
     try:
         total = len(data) if hasattr(data, "__len__") else None
         n = 0
@@ -54,6 +65,9 @@ def _calibrate(model: nn.Module, layers: dict[str, nn.Linear], data: Iterable[An
     finally:
         for h in handles:
             h.remove()
+    for n, m in layers.items():  # the other names of a shared module share its statistics
+        if first[id(m)] in amax:
+            amax[n] = amax[first[id(m)]]
     missing = [n for n in layers if n not in amax]
     if missing:
         raise ValueError(f"calibration_data never reached layer(s) {missing}; skip them or change the data")
@@ -88,7 +102,11 @@ def quantize_int8(model: nn.Module, *, activations: str = "dynamic", calibration
     layers = _linears(model, skip)
     amax = _calibrate(model, layers, calibration_data) if needs_data else {}
     converted: dict[str, Int8Linear] = {}
+    done: dict[int, Int8Linear] = {}  # a module used under several names converts once
     for name, lin in layers.items():
+        if id(lin) in done:
+            converted[name] = done[id(lin)]
+            continue
         smooth = None
         x_scale = None
         if smoothquant_alpha is not None:
@@ -100,12 +118,9 @@ def quantize_int8(model: nn.Module, *, activations: str = "dynamic", calibration
             xm = amax[name] / smooth if smooth is not None else amax[name]
             top = float(xm.max()) if xm.numel() else 0.0
             x_scale = top / 127.0 if top > 0 else 1.0
-        converted[name] = Int8Linear.from_float(lin, group_size=group_size, activations=activations,
-                                                x_scale=x_scale, smooth=smooth)
+        converted[name] = done[id(lin)] = Int8Linear.from_float(lin, group_size=group_size, activations=activations,
+                                                                x_scale=x_scale, smooth=smooth)
     if "" in converted:  # the model is itself a Linear
         return converted[""]
-    for name, new in converted.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
+    _replace(model, converted)
     return model

@@ -104,7 +104,7 @@ def bsr_int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, b
     w_scale [N, 1]. Same float operation order as the kernel's epilogue:
     ((float(acc) * w_scale) * x_scale) + bias, then ReLU.
     """
-    y = int8_linear(x.float(), w_q, w_scale, bias)
+    y = int8_linear(x.float(), w_q, w_scale, bias, x_scale)
     if relu:
         y = torch.relu(y)
     return y.to(x.dtype)

@@ -10,7 +10,7 @@ from torch import nn
 from . import prune
 from .formats import INT8_BLOCK, block_mask
 from .nn.block_sparse_linear import BlockSparseLinear
-from .quantize import _skipped
+from .quantize import _linears, _replace
 
 
 def sparsify(model: nn.Module, sparsity: float, block: Optional[tuple[int, int]] = None,
@@ -26,22 +26,25 @@ def sparsify(model: nn.Module, sparsity: float, block: Optional[tuple[int, int]]
     if isinstance(skip, str):
         skip = (skip,)
     skip = tuple(skip)
+    if dtype == torch.int8 and block is not None and tuple(block) != INT8_BLOCK:
+        raise ValueError(f"int8 blocks are {INT8_BLOCK}, got block={block}")
     blk = INT8_BLOCK if dtype == torch.int8 else tuple(block or prune.DEFAULT_BLOCK)
-    layers = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and not _skipped(n, skip)}
+    layers = _linears(model, skip)
     if not layers:
         raise ValueError("model has no nn.Linear layer to sparsify (or all are skipped)")
+    done: dict[int, BlockSparseLinear] = {}  # a module used under several names converts once
+    converted = {}
     for name, lin in layers.items():
-        mask = block_mask(lin.weight.detach(), *blk)
-        if 1.0 - mask.float().mean().item() < sparsity - 1e-6:
-            prune.block_magnitude(lin, sparsity, block=blk)
-        prune.remove(lin)
-    converted = {n: BlockSparseLinear.from_dense(m, block=blk, dtype=dtype, dispatch=dispatch)
-                 for n, m in layers.items()}
+        if id(lin) not in done:
+            mask = block_mask(lin.weight.detach(), *blk)
+            if 1.0 - mask.float().mean().item() < sparsity - 1e-6:
+                prune.block_magnitude(lin, sparsity, block=blk)
+            prune.remove(lin)
+            done[id(lin)] = BlockSparseLinear.from_dense(lin, block=blk, dtype=dtype, dispatch=dispatch)
+        converted[name] = done[id(lin)]
     if "" in converted:
         return converted[""]
-    for name, new in converted.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+    _replace(model, converted)
     return model
 
 

@@ -243,3 +243,48 @@ def test_semi_structured_pruning():
 def test_half_blocks_need_a_gpu():
     with pytest.raises(ValueError, match="GPU"):
         BlockSparseLinear.from_dense(nn.Linear(64, 64), dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_bsr_int8_static_scale_and_foreign_q(isa, static):
+    # q quantized from the unpruned weight: only the stored blocks may count (colsum too)
+    N, K = 100, 130
+    w = pruned_weight(N, K, 64, 64, 0.5)
+    full = torch.randn(N, K)
+    q_full, scale = R.quantize_weight(full)
+    p = formats.pack_bsr_int8(w, q_full, scale)
+    x = torch.randn(7, K)
+    xs = torch.tensor([0.02]) if static else None
+    b = torch.randn(N)
+    y = ops.bsr_int8_linear(x, p.values, p.layout.row_ptr, p.layout.col_idx, p.colsum, p.w_scale, b, xs, N, K)
+    assert torch.equal(y, R.bsr_int8_linear(x, p.q, p.w_scale[0, :N, None], b, xs))
+    with pytest.raises(ValueError, match="scale"):
+        formats.pack_bsr_int8(w, q_full)
+
+
+def test_bsr_half_cast_on_cpu_keeps_float32_blocks():
+    m = pysparse.sparsify(nn.Sequential(nn.Linear(128, 64)), 0.5, dispatch="sparse")
+    x = torch.randn(3, 128)
+    y = m(x)
+    m.bfloat16()
+    assert m[0].values.dtype == torch.float32 and m[0].bias.dtype == torch.float32
+    assert torch.equal(m(x), y)
+    assert m(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_module_used_twice_converts_everywhere():
+    lin = nn.Linear(64, 64)
+    model = nn.Sequential(lin, nn.ReLU(), lin)
+    x = torch.randn(2, 64)
+    s = pysparse.sparsify(model, 0.5, dispatch="sparse")
+    assert isinstance(s[0], BlockSparseLinear) and s[0] is s[2]
+    q = pysparse.quantize_int8(nn.Sequential(lin, nn.ReLU(), lin), activations="static", calibration_data=[x])
+    assert isinstance(q[0], pysparse.nn.Int8Linear) and q[0] is q[2]
+
+
+def test_density_follows_a_loaded_state_dict():
+    a = pysparse.sparsify(nn.Sequential(nn.Linear(128, 128)), 0.5, dispatch="sparse")
+    b = pysparse.sparsify(nn.Sequential(nn.Linear(128, 128)), 0.75, dispatch="sparse")
+    params_before = b[0].values
+    b.load_state_dict(a.state_dict())
+    assert b[0].density == a[0].density and b[0].values is params_before

@@ -63,8 +63,10 @@ const CpuFeatures& cpu_features() {
 
 Isa best_isa() {
   const CpuFeatures& f = cpu_features();
-  if (f.amx_tile && f.amx_int8 && f.amx_os_permission && f.avx512f) return Isa::Amx;
-  if (f.avx512f && f.avx512bw && f.avx512vl && f.avx512_vnni) return Isa::Avx512;
+  // AMX machines also run the VNNI kernels (quantization, int8 block-sparse): require both.
+  const bool vnni = f.avx512f && f.avx512bw && f.avx512vl && f.avx512_vnni;
+  if (f.amx_tile && f.amx_int8 && f.amx_os_permission && vnni) return Isa::Amx;
+  if (vnni) return Isa::Avx512;
   if (f.avx2) return Isa::Avx2;
   return Isa::Scalar;
 }

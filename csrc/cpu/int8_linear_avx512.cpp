@@ -58,7 +58,9 @@ void quantize_row_avx512(const void* x, InType t, int64_t K, int64_t Kp, float s
   const __m128i shift = _mm_set1_epi8(u8 ? char(0x80) : 0);
   int64_t k = 0;
   for (; k < K16; k += 16) {
-    __m512 q = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(load16(x, t, k), vinv), lo), hi);
+    __m512 v = _mm512_mul_ps(load16(x, t, k), vinv);
+    v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);  // NaN -> 0, as the reference
+    __m512 q = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
     __m512i qi = _mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m128i q8 = _mm_xor_si128(_mm512_cvtsepi32_epi8(qi), shift);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(a + k), q8);
@@ -68,8 +70,9 @@ void quantize_row_avx512(const void* x, InType t, int64_t K, int64_t Kp, float s
     const float v = t == InType::F32 ? static_cast<const float*>(x)[k]
                     : t == InType::BF16 ? detail::bf16_to_f32(static_cast<const uint16_t*>(x)[k])
                                         : detail::f16_to_f32(static_cast<const uint16_t*>(x)[k]);
-    float q = std::nearbyint(std::min(127.f, std::max(-128.f, v * inv)));
-    if (!(q == q)) q = 0.f;
+    float vi = v * inv;
+    if (!(vi == vi)) vi = 0.f;
+    float q = std::nearbyint(std::min(127.f, std::max(-128.f, vi)));
     a[k] = static_cast<int8_t>(static_cast<int>(q)) ^ s8;
   }
   for (; k < Kp; ++k) a[k] = s8;

@@ -77,10 +77,12 @@ void quantize_row_t(const T* x, int64_t K, int64_t Kp, float scale_in, bool u8, 
   *scale_out = scale;
   const int8_t shift = u8 ? int8_t(-128) : int8_t(0);  // u8 = s8 ^ 0x80 = s8 + 128
   for (int64_t k = 0; k < K; ++k) {
-    // Clamp before rounding (as the vector paths do; the bounds are integers, so the
-    // order does not change the result).
-    float q = std::nearbyint(std::min(127.f, std::max(-128.f, static_cast<float>(x[k]) * inv)));
-    if (!(q == q)) q = 0.f;  // NaN: the row's scale is already NaN
+    // NaN (a NaN input, or 0 * inf when amax is subnormal and 127 / amax overflows)
+    // quantizes to 0 as in the reference; then clamp and round (the bounds are integers,
+    // so clamping first does not change the result).
+    float v = static_cast<float>(x[k]) * inv;
+    if (!(v == v)) v = 0.f;
+    float q = std::nearbyint(std::min(127.f, std::max(-128.f, v)));
     a[k] = static_cast<int8_t>(static_cast<int>(q)) ^ shift;
   }
   for (int64_t k = K; k < Kp; ++k) a[k] = shift;  // padding quantizes to 0

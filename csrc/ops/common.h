@@ -37,7 +37,8 @@ inline void check_bias(const std::optional<Tensor>& bias, int64_t N, const char*
   TORCH_CHECK_VALUE(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N &&
                         bias->device().is_cpu() && bias->is_contiguous(),
                     op, ": bias must be a contiguous float32 CPU tensor of shape [", N, "], got ",
-                    bias->scalar_type(), " ", bias->sizes());
+                    bias->scalar_type(), " ", bias->sizes(), " on ", bias->device(),
+                    bias->is_contiguous() ? "" : " (not contiguous)");
 }
 
 // The static per-tensor activation scale, or 0 for dynamic per-row quantization.

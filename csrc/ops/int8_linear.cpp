@@ -77,7 +77,9 @@ void check_packed(const Tensor& packed, const Tensor& colsum, int64_t N, int64_t
                     ", expected [groups, ", Np, "] for N=", N);
   const int64_t Kp = packed.size(1) / 16, gk = Kp / G;
   TORCH_CHECK_VALUE(packed.size(0) == Np / 16 && packed.size(1) % 16 == 0 && Kp % G == 0 &&
-                        gk % kPackK == 0 && gk > 0 && Kp == std::max(round_up(K, gk), gk),
+                        gk % kPackK == 0 && gk > 0 &&
+                        // per channel (G = 1): K pads to 64; per group: to the group
+                        Kp == (G == 1 ? std::max(round_up(K, kPackK), kPackK) : std::max(round_up(K, gk), gk)),
                     op, ": packed weight has shape ", packed.sizes(), " and ", G,
                     " scale group(s), which does not hold N=", N, ", K=", K,
                     " (was it packed for another layer?)");

@@ -217,7 +217,23 @@ class BlockSparseLinear(nn.Module):
         # int8 blocks live in the CPU kernels' VNNI order on the CPU and k-major on a GPU
         # (the Triton kernel's tiles): moving the layer re-lays them out once, here.
         was_cuda = self.format == "bsr-int8" and self.values.is_cuda
+        # float32 state the kernels need is kept bit for bit through casts like .half():
+        # the bias and scales always, the fp32 blocks on the CPU (the GPU kernel also takes
+        # half blocks, so there .half() casts them).
+        keep = {n: getattr(self, n).data for n in ("bias", "bias_f32", "w_scale")
+                if getattr(self, n, None) is not None}
+        if self.format == "bsr" and not self.values.is_cuda:
+            keep["values"] = self.values.data
         super()._apply(fn, recurse)
+        for name, t in keep.items():
+            cur = getattr(self, name)
+            target = cur.device
+            if name == "values" and target.type == "cuda":
+                continue  # moved to a GPU: the cast (if any) is wanted there
+            if isinstance(cur, nn.Parameter):
+                cur.data = t.to(target)
+            else:
+                setattr(self, name, t.to(target))
         if self.format == "bsr-int8":
             now_cuda = self.values.is_cuda
             if now_cuda and not was_cuda:
@@ -227,8 +243,6 @@ class BlockSparseLinear(nn.Module):
             for name in ("w_scale", "bias_f32"):
                 if getattr(self, name, None) is not None:
                     setattr(self, name, getattr(self, name).float())
-        elif self.format == "bsr" and self.bias is not None and self.bias.dtype != torch.float32:
-            self.bias.data = self.bias.data.float()  # the kernels take a float32 bias
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -246,10 +260,13 @@ class BlockSparseLinear(nn.Module):
                 if name == "values" and self.format == "bsr-int8" and cur.is_cuda:
                     new = formats.int8_blocks_to_kmajor(new)
                 if isinstance(cur, nn.Parameter):
-                    self.values = nn.Parameter(new.clone(), requires_grad=cur.requires_grad)
+                    cur.data = new.clone()  # the same Parameter: an optimizer keeps tracking it
                 else:
                     setattr(self, name, new.clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.dense is None and hasattr(self, "col_idx"):
+            R, KB = self.row_ptr.numel() - 1, -(-self.in_features // self.block[1])
+            self.density = self.col_idx.numel() / max(R * KB, 1)
 
     def extra_repr(self) -> str:
         t = ""

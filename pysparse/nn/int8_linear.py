@@ -118,13 +118,14 @@ class Int8Linear(nn.Module):
     # scales are untouched), and scales and bias stay float32 under .half()/.bfloat16().
     def _apply(self, fn, recurse: bool = True):
         q, _ = self.weight_int8()
+        # float32 state is kept bit for bit: snapshot it, let fn move the module (it may
+        # also cast floats, e.g. .half()), then put the snapshot on the new device.
+        keep = {n: getattr(self, n) for n in ("w_scale", "bias", "x_scale", "smooth") if getattr(self, n) is not None}
         super()._apply(fn, recurse)
-        dev = self.w_scale.device
+        dev = self.colsum.device  # int32: moved by fn, never cast
         self.packed, self.colsum = ops.int8_pack(q.to(dev), self.group_size)
-        for name in ("w_scale", "bias", "x_scale", "smooth"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t.float())
+        for name, t in keep.items():
+            setattr(self, name, t.to(dev))
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -138,6 +139,16 @@ class Int8Linear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        # x_scale (static activations) and smooth (SmoothQuant) come with the saved layer:
+        # adopt them, so loading into a plain Int8Linear(K, N) restores the same layer.
+        dev = self.packed.device
+        if prefix + "x_scale" in state_dict and self.x_scale is None:
+            self.x_scale = torch.ones(1, device=dev)
+            self.activations = "static"
+        if prefix + "smooth" in state_dict and self.smooth is None:
+            self.smooth = torch.ones(self.in_features, device=dev)
+        if prefix + "bias" in state_dict and self.bias is None:
+            unexpected_keys.append(prefix + "bias")  # a layer built with bias=False
         names = ["weight_int8", "weight_scale"] + [n for n in ("bias", "x_scale", "smooth")
                                                    if getattr(self, n) is not None]
         for n in names:
