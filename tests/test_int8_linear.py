@@ -107,6 +107,8 @@ def test_sqnr_gaussian(group_size):
     nn.init.normal_(lin.weight, std=0.02)
     x = torch.randn(64, 1024)
     y = Int8Linear.from_float(lin, group_size=group_size)(x)
+    # 35 dB: the bar (int8 x int8 with per-row / per-channel scales gives ~40 dB
+    # on Gaussians; a scale or rounding bug drops it far below)
     assert sqnr_db(lin(x), y) >= 35.0
 
 

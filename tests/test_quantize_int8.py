@@ -33,7 +33,7 @@ def test_accuracy_drop(digits, kwargs):
     assert all(type(m) is not nn.Linear for m in q.modules())
     base, quant = accuracy(model, xte, yte), accuracy(q, xte, yte)
     assert base >= 0.9  # the float model really learned the task
-    assert quant >= base - 0.003, (base, quant)
+    assert quant >= base - 0.003, (base, quant)  # the bar: at most 0.3 accuracy points
 
 
 def test_skip_and_in_place(digits):
