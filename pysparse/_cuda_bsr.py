@@ -30,15 +30,13 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import sys
 import warnings
-from pathlib import Path
 from typing import Optional
 
 import torch
 
 from . import _C  # noqa: F401  (the op schemas must exist before kernels register)
-from ._cuda_ops import quantize_rows
+from ._cuda_ops import load_kernel_module, quantize_rows
 
 __all__ = ["HAS_TRITON", "REGISTERED", "bsr_linear_cuda", "bsr_int8_linear_cuda"]
 
@@ -47,40 +45,13 @@ INT8_BLOCK = 64  # pysparse.formats.INT8_BLOCK: one int8 block is 64 x 64 on eve
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _load_triton_kernels():
-    """Import kernels/bsr_linear.py (first CUDA call only); as _cuda_ops._load_triton_kernels."""
-    try:
-        from pysparse.kernels import bsr_linear as mod  # an installed (or editable) pysparse
-        return mod
-    except ModuleNotFoundError as e:
-        if e.name not in ("pysparse.kernels", "pysparse.kernels.bsr_linear"):
-            raise
-    # In-place build: kernels/ sits next to pysparse/ and only becomes pysparse.kernels
-    # once the package is installed.
-    name = "pysparse.kernels.bsr_linear"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = Path(__file__).resolve().parent.parent / "kernels" / "bsr_linear.py"
-    if not path.is_file():
-        raise ModuleNotFoundError(f"pysparse.kernels is not installed and {path} does not exist")
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    try:
-        spec.loader.exec_module(mod)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return mod
-
-
 def _triton_kernels():
     """The kernel module, imported on first use (importing pysparse neither imports triton
     nor fixes its TRITON_INTERPRET mode)."""
     global _kernels
     if _kernels is None:
         try:
-            _kernels = _load_triton_kernels()
+            _kernels = load_kernel_module("bsr_linear")
         except Exception as e:
             raise RuntimeError(f"pysparse: the Triton block-sparse kernels failed to load "
                                f"({type(e).__name__}: {e})") from e

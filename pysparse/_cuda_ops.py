@@ -43,20 +43,20 @@ PACK_K = 64  # group sizes are multiples of this (kPackK)
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _load_triton_kernels():
-    """Import the Triton kernel module (first CUDA call only)."""
+def load_kernel_module(op: str = "int8_linear"):
+    """Import the Triton kernel module kernels/<op>.py (first CUDA call only), as
+    pysparse.kernels.<op> when the package is installed, else from the source tree."""
+    name = f"pysparse.kernels.{op}"
     try:
-        from pysparse.kernels import int8_linear as mod  # an installed (or editable) pysparse
-        return mod
+        return importlib.import_module(name)  # an installed (or editable) pysparse
     except ModuleNotFoundError as e:
-        if e.name not in ("pysparse.kernels", "pysparse.kernels.int8_linear"):
+        if e.name not in ("pysparse.kernels", name):
             raise
     # In-place build (setup.py build_ext --inplace, `make gpu-check`): kernels/ sits next
     # to pysparse/ and only becomes pysparse.kernels once the package is installed.
-    name = "pysparse.kernels.int8_linear"
     if name in sys.modules:
         return sys.modules[name]
-    path = Path(__file__).resolve().parent.parent / "kernels" / "int8_linear.py"
+    path = Path(__file__).resolve().parent.parent / "kernels" / f"{op}.py"
     if not path.is_file():
         raise ModuleNotFoundError(f"pysparse.kernels is not installed and {path} does not exist")
     spec = importlib.util.spec_from_file_location(name, path)
@@ -77,7 +77,7 @@ def _triton_kernels():
     global _kernels
     if _kernels is None:
         try:
-            _kernels = _load_triton_kernels()
+            _kernels = load_kernel_module("int8_linear")
         except Exception as e:
             raise RuntimeError(f"pysparse: the Triton int8 kernels failed to load "
                                f"({type(e).__name__}: {e})") from e

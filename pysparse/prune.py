@@ -3,7 +3,7 @@ in the block shape the block-sparse kernels skip, and keeps the masks so the pat
 survives fine-tuning (and can be tightened gradually)."""
 from __future__ import annotations
 
-from typing import Iterable, Optional, Union
+from typing import Iterable, Optional
 
 import torch
 from torch import nn

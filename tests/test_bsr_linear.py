@@ -10,7 +10,7 @@ import pysparse
 from pysparse import formats, ops, prune, reference as R
 from pysparse.nn import BlockSparseLinear
 
-from .models import DigitsMLP, accuracy, digits_data
+from .models import accuracy, digits_data
 
 
 def pruned_weight(N, K, bn, bk, density, zero_rows=False):
