@@ -22,6 +22,18 @@ def _targets(module: nn.Module, skip: Iterable[str]) -> dict[str, nn.Linear]:
     return {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear) and not _skipped(n, skip)}
 
 
+def _install_mask(lin: nn.Linear, mask: torch.Tensor) -> None:
+    """Keep ``mask`` on the layer (ANDed with any mask it has: pruning only tightens),
+    zero the weight there, and re-apply it before every forward."""
+    mask = mask.to(dtype=lin.weight.dtype, device=lin.weight.device)
+    if hasattr(lin, "weight_mask"):
+        lin.weight_mask.copy_(mask * lin.weight_mask)
+    else:
+        lin.register_buffer("weight_mask", mask)
+        lin._pysparse_mask_hook = lin.register_forward_pre_hook(_apply_mask_hook)
+    lin.weight.mul_(lin.weight_mask)
+
+
 def _apply_mask_hook(mod: nn.Linear, args):
     # Re-zero pruned blocks before each forward: an optimizer step may have moved them.
     with torch.no_grad():
@@ -77,13 +89,7 @@ def block_magnitude(module: nn.Module, sparsity: float, block: Optional[tuple[in
         N, K = lin.weight.shape
         km = keep[name]
         em = km[:, None, :, None].expand(-1, bn, -1, bk).reshape(km.shape[0] * bn, km.shape[1] * bk)[:N, :K]
-        em = em.to(lin.weight.dtype).to(lin.weight.device)
-        if hasattr(lin, "weight_mask"):
-            lin.weight_mask.copy_(em * lin.weight_mask)
-        else:
-            lin.register_buffer("weight_mask", em)
-            lin._pysparse_mask_hook = lin.register_forward_pre_hook(_apply_mask_hook)
-        lin.weight.mul_(lin.weight_mask)
+        _install_mask(lin, em)
         lin._pysparse_block = (bn, bk)
         masks[name] = lin.weight_mask.bool()
     return masks
@@ -102,13 +108,7 @@ def semi_structured(module: nn.Module, skip: Iterable[str] = ()) -> dict[str, to
             continue
         w = lin.weight.detach().float().abs().reshape(N, K // 4, 4)
         top = w.topk(2, dim=-1).indices
-        m = torch.zeros_like(w).scatter_(-1, top, 1.0).reshape(N, K).to(lin.weight.dtype)
-        if hasattr(lin, "weight_mask"):
-            lin.weight_mask.copy_(m * lin.weight_mask)
-        else:
-            lin.register_buffer("weight_mask", m)
-            lin._pysparse_mask_hook = lin.register_forward_pre_hook(_apply_mask_hook)
-        lin.weight.mul_(lin.weight_mask)
+        _install_mask(lin, torch.zeros_like(w).scatter_(-1, top, 1.0).reshape(N, K))
         masks[name] = lin.weight_mask.bool()
     return masks
 
