@@ -21,6 +21,8 @@ ISA_SOURCES = {
     "csrc/cpu/bsr_linear_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
     "csrc/cpu/bsr_linear_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
                                        "-mavx2", "-mfma", "-mf16c"],
+    "csrc/cpu/bsr_linear_avx512bf16.cpp": ["-mavx512bf16", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                                           "-mavx2", "-mfma", "-mf16c"],
     "csrc/cpu/int8_linear_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
     "csrc/cpu/int8_linear_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
                                         "-mavx2", "-mfma", "-mf16c"],

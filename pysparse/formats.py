@@ -5,6 +5,9 @@ r*bn .. r*bn+bn; its nonzero blocks are values[row_ptr[r]:row_ptr[r+1]], block j
 input channels col_idx[j]*bk .. +bk. Edge blocks are zero padded.
 - fp32: values [nnzb, bk, bn], k-major inside a block (one k = bn contiguous outputs,
   what the CPU kernel's vector loads want).
+- bf16 (CPU): values [nnzb, bk/2, bn, 2]: for each pair of inputs the bn outputs' two
+  weights side by side (VDPBF16PS's operand order, also an AMX bf16 B tile row); bk even.
+  On a GPU bf16/fp16 blocks are k-major [nnzb, bk, bn] like fp32 (bf16_pairs_to_kmajor).
 - int8: 64 x 64 blocks, each in the dense int8 kernels' layout (csrc/cpu/int8_linear.h):
   values [nnzb, 4096], with per-output-channel scales and column sums.
 """
@@ -67,8 +70,35 @@ def pack_bsr_f32(w: torch.Tensor, bn: int, bk: int) -> tuple[torch.Tensor, BsrLa
     return values, _layout(mask, N, K, bn, bk)
 
 
+def pack_bsr_bf16(w: torch.Tensor, bn: int, bk: int) -> tuple[torch.Tensor, BsrLayout]:
+    """W [N, K] (zeros where pruned) -> (values bfloat16 [nnzb, bk/2, bn, 2], layout).
+
+    The block structure is that of the float weight (a block whose values all round to
+    zero in bf16 is still stored). bk must be even.
+    """
+    if bk % 2:
+        raise ValueError(f"bf16 blocks pair the inputs: bk must be even, got bk={bk}")
+    values, layout = pack_bsr_f32(w, bn, bk)
+    return kmajor_to_bf16_pairs(values), layout
+
+
+def kmajor_to_bf16_pairs(values: torch.Tensor) -> torch.Tensor:
+    """k-major blocks [nnzb, bk, bn] (any float dtype) -> the CPU bf16 layout [nnzb, bk/2, bn, 2]."""
+    nnzb, bk, bn = values.shape
+    return values.to(torch.bfloat16).reshape(nnzb, bk // 2, 2, bn).transpose(2, 3).contiguous()
+
+
+def bf16_pairs_to_kmajor(values: torch.Tensor) -> torch.Tensor:
+    """Inverse of kmajor_to_bf16_pairs: [nnzb, bk/2, bn, 2] -> [nnzb, bk, bn] (same dtype)."""
+    nnzb, kp, bn, _ = values.shape
+    return values.transpose(2, 3).reshape(nnzb, 2 * kp, bn).contiguous()
+
+
 def bsr_f32_to_dense(values: torch.Tensor, layout: BsrLayout) -> torch.Tensor:
-    """Inverse of pack_bsr_f32: the dense weight [N, K] (differentiable in values)."""
+    """Inverse of pack_bsr_f32 (and of pack_bsr_bf16, in bf16): the dense weight [N, K]
+    (differentiable in values)."""
+    if values.dim() == 4:
+        values = bf16_pairs_to_kmajor(values)
     R, KB = -(-layout.N // layout.bn), -(-layout.K // layout.bk)
     rp = layout.row_ptr.to(values.device).long()  # index on the values' device (a GPU too)
     rows = torch.repeat_interleave(torch.arange(R, device=values.device), rp[1:] - rp[:-1])

@@ -124,10 +124,15 @@ def _bsr_int8_linear_fake(x, values, row_ptr, col_idx, colsum, w_scale, bias, x_
     return x.new_empty((*x.shape[:-1], N))
 
 
+def _bsr_block(values: torch.Tensor) -> tuple[int, int]:
+    """(bn, bk) of float blocks: k-major [nnzb, bk, bn] or bf16 input pairs [nnzb, bk/2, bn, 2]."""
+    return (values.shape[2], values.shape[1] * 2) if values.dim() == 4 else (values.shape[2], values.shape[1])
+
+
 def _bsr_dense_weight(values, row_ptr, col_idx, N: int, K: int) -> torch.Tensor:
     from .formats import BsrLayout, bsr_f32_to_dense
 
-    return bsr_f32_to_dense(values, BsrLayout(N, K, values.shape[2], values.shape[1], row_ptr, col_idx))
+    return bsr_f32_to_dense(values, BsrLayout(N, K, *_bsr_block(values), row_ptr, col_idx))
 
 
 def _bsr_setup_context(ctx, inputs, output):
@@ -136,26 +141,95 @@ def _bsr_setup_context(ctx, inputs, output):
     ctx.N, ctx.K, ctx.relu, ctx.has_bias = N, K, relu, bias is not None
 
 
+def _bsr_kmajor_f32(values: torch.Tensor) -> torch.Tensor:
+    """Float blocks as fp32 k-major [nnzb, bk, bn] (from either layout)."""
+    if values.dim() == 4:
+        from .formats import bf16_pairs_to_kmajor
+        values = bf16_pairs_to_kmajor(values)
+    return values.float()
+
+
+@torch.library.impl("pysparse::bsr_linear_grad_x", "CompositeExplicitAutograd")
+def _bsr_grad_x(g2: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                N: int, K: int) -> torch.Tensor:
+    """grad_x [M, K] float32 = grad_y [M, N] @ W, through the block-sparse kernel on W^T.
+
+    W^T in BSR has block rows of bk inputs and blocks [bn, bk] (k-major for W^T is the
+    transpose of each stored block): the blocks reorder by column, once per backward
+    (O(nnzb) index work and one copy of the stored values), and the forward kernel does the
+    GEMM, skipping the zero blocks as it does forward.
+    """
+    bn, bk = _bsr_block(values)
+    v = _bsr_kmajor_f32(values.detach())
+    if g2.device.type != "cpu" or bk not in (16, 32, 64):
+        # the CPU kernel's block widths; elsewhere the dense product (correct, not fast)
+        return g2.float() @ _bsr_dense_weight(v, row_ptr, col_idx, N, K)
+    R, KB = -(-N // bn), -(-K // bk)
+    counts = (row_ptr[1:] - row_ptr[:-1]).long()
+    rows = torch.repeat_interleave(torch.arange(R, dtype=torch.int32), counts)
+    order = torch.argsort(col_idx, stable=True)
+    row_ptr_t = torch.zeros(KB + 1, dtype=torch.int32)
+    row_ptr_t[1:] = torch.cumsum(torch.bincount(col_idx.long(), minlength=KB), 0)
+    values_t = v[order].transpose(1, 2).contiguous()  # [nnzb, bn, bk]: k-major blocks of W^T
+    return torch.ops.pysparse.bsr_linear(g2.float(), values_t, row_ptr_t, rows[order].contiguous(), None, K, N, False)
+
+
+@torch.library.impl("pysparse::bsr_linear_grad_values", "CompositeExplicitAutograd")
+def _bsr_grad_values(g2: torch.Tensor, x2: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
+                     col_idx: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """Gradient of each stored block (values' layout and dtype): x[:, its inputs]^T @ grad_y[:, its outputs].
+
+    g2 [M, N], x2 [M, K] (for bf16 blocks, x as the forward used it: rounded to bf16).
+    One GEMM per block row over just its stored blocks' inputs (gathered), so the work is
+    density x the dense grad_W's, and memory stays at one block row's gather.
+    """
+    bn, bk = _bsr_block(values)
+    g2, x2 = g2.float(), x2.float()
+    M = x2.shape[0]
+    R, KB = -(-N // bn), -(-K // bk)
+    xv = torch.nn.functional.pad(x2, (0, KB * bk - K)).view(M, KB, bk)
+    gp = torch.nn.functional.pad(g2, (0, R * bn - N))
+    gv = torch.zeros(col_idx.numel(), bk, bn, dtype=torch.float32, device=x2.device)
+    rp = row_ptr.tolist()
+    ci = col_idx.long()
+    for r in range(R):
+        b0, b1 = rp[r], rp[r + 1]
+        if b0 < b1:
+            xs = xv[:, ci[b0:b1]].reshape(M, (b1 - b0) * bk)
+            torch.mm(xs.T, gp[:, r * bn:(r + 1) * bn], out=gv[b0:b1].view((b1 - b0) * bk, bn))
+    if values.dim() == 4:
+        from .formats import kmajor_to_bf16_pairs
+        gv = kmajor_to_bf16_pairs(gv)
+    return gv.to(values.dtype)
+
+
+@torch.library.register_fake("pysparse::bsr_linear_grad_x")
+def _bsr_grad_x_fake(g2, values, row_ptr, col_idx, N: int, K: int):
+    return g2.new_empty((g2.shape[0], K), dtype=torch.float32)
+
+
+@torch.library.register_fake("pysparse::bsr_linear_grad_values")
+def _bsr_grad_values_fake(g2, x2, values, row_ptr, col_idx, N: int, K: int):
+    return torch.empty_like(values)
+
+
 def _bsr_backward(ctx, grad):
-    # Gradients for fine-tuning with a fixed pattern: only stored blocks get gradients.
-    # Computed with dense PyTorch ops on the reconstructed weight (correct, not fast:
-    # a transposed block-sparse kernel is the next step when training speed matters).
+    # Gradients for fine-tuning with a fixed pattern: only stored blocks get gradients, and
+    # the work skips the zero blocks as the forward does (grad_x through the block-sparse
+    # kernel on W^T, grad of the blocks one GEMM per block row).
     x, values, row_ptr, col_idx, out = ctx.saved_tensors
     if ctx.relu:
         grad = grad * (out > 0).to(grad.dtype)
     g2 = grad.reshape(-1, ctx.N).float()
-    x2 = x.reshape(-1, ctx.K).float()
     gx = gv = gb = None
     if ctx.needs_input_grad[0]:
-        w = _bsr_dense_weight(values.detach(), row_ptr, col_idx, ctx.N, ctx.K)
-        gx = (g2 @ w).to(x.dtype).reshape(x.shape)
+        gx = torch.ops.pysparse.bsr_linear_grad_x(g2, values, row_ptr, col_idx, ctx.N, ctx.K)
+        gx = gx.to(x.dtype).reshape(x.shape)
     if ctx.needs_input_grad[1]:
-        from .formats import _blocks
-        bn, bk = values.shape[2], values.shape[1]
-        gw = _blocks(g2.T @ x2, bn, bk)  # [R, KB, bn, bk]
-        R = gw.shape[0]
-        rows = torch.repeat_interleave(torch.arange(R, device=gw.device), (row_ptr[1:] - row_ptr[:-1]).long())
-        gv = gw[rows, col_idx.long()].transpose(1, 2).contiguous()
+        x2 = x.reshape(-1, ctx.K)
+        if values.dtype == torch.bfloat16:  # the forward multiplied x rounded to bf16
+            x2 = x2.to(torch.bfloat16)
+        gv = torch.ops.pysparse.bsr_linear_grad_values(g2, x2, values, row_ptr, col_idx, ctx.N, ctx.K)
     if ctx.has_bias and ctx.needs_input_grad[4]:
         gb = g2.sum(0)
     return gx, gv, None, None, gb, None, None, None
@@ -166,7 +240,12 @@ torch.library.register_autograd("pysparse::bsr_linear", _bsr_backward, setup_con
 
 def bsr_linear(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                bias: Optional[torch.Tensor], N: int, K: int, relu: bool = False) -> torch.Tensor:
-    """Block-sparse linear, fp32 blocks values [nnzb, bk, bn]: x [..., K] -> [..., N] (x's dtype)."""
+    """Block-sparse linear: x [..., K] -> [..., N] in x's dtype.
+
+    values: float32 [nnzb, bk, bn] (formats.pack_bsr_f32) or, on the CPU, bfloat16
+    [nnzb, bk/2, bn, 2] (formats.pack_bsr_bf16; x is then rounded to bf16); on CUDA
+    float32/float16/bfloat16 [nnzb, bk, bn]. Differentiable in x, values and bias.
+    """
     return torch.ops.pysparse.bsr_linear(x, values, row_ptr, col_idx, bias, N, K, relu)
 
 

@@ -93,6 +93,14 @@ def test_opcheck():
     b = torch.randn(70, requires_grad=True)
     torch.library.opcheck(torch.ops.pysparse.bsr_linear.default, (x, v, lay.row_ptr, lay.col_idx, b, 70, 130, False))
     torch.library.opcheck(torch.ops.pysparse.bsr_linear.default, (x, v, lay.row_ptr, lay.col_idx, None, 70, 130, True))
+    vb, _ = formats.pack_bsr_bf16(w, 64, 32)
+    vb.requires_grad_(True)
+    torch.library.opcheck(torch.ops.pysparse.bsr_linear.default, (x, vb, lay.row_ptr, lay.col_idx, b, 70, 130, False))
+    g = torch.randn(5, 70)
+    for vals in (v.detach(), vb.detach()):
+        torch.library.opcheck(torch.ops.pysparse.bsr_linear_grad_x.default, (g, vals, lay.row_ptr, lay.col_idx, 70, 130))
+        torch.library.opcheck(torch.ops.pysparse.bsr_linear_grad_values.default,
+                              (g, x.detach(), vals, lay.row_ptr, lay.col_idx, 70, 130))
     p = formats.pack_bsr_int8(w)
     torch.library.opcheck(torch.ops.pysparse.bsr_int8_linear.default,
                           (torch.randn(3, 130), p.values, p.layout.row_ptr, p.layout.col_idx, p.colsum, p.w_scale,
@@ -110,20 +118,94 @@ def test_compile_and_export():
     assert torch.equal(ep.module()(x), m(x))
 
 
-def test_gradients_match_masked_dense():
-    w = pruned_weight(70, 130, 64, 32, 0.5)
+# (16, 7): bk is not a CPU kernel width, so grad_x takes the dense fallback
+@pytest.mark.parametrize("block", [(64, 32), (16, 16), (32, 64), (16, 7)])
+@pytest.mark.parametrize("M,N,K", [(6, 70, 130), (1, 64, 64), (17, 130, 33)])
+def test_gradients_match_masked_dense(isa, block, M, N, K):
+    w = pruned_weight(N, K, *block, 0.5, zero_rows=True)
     lin = _lin(w)
-    s = BlockSparseLinear.from_dense(lin, dispatch="sparse", activation="relu")
-    x = torch.randn(6, 130, requires_grad=True)
+    s = BlockSparseLinear.from_dense(lin, block=block, dispatch="sparse", activation="relu")
+    x = torch.randn(M, K, requires_grad=True)
     x2 = x.detach().clone().requires_grad_(True)
-    g = torch.randn(6, 70)
+    g = torch.randn(M, N)
     (s(x) * g).sum().backward()
     (torch.relu(lin(x2)) * g).sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)  # fp32 sums in another order
     torch.testing.assert_close(s.bias.grad, lin.bias.grad, rtol=1e-5, atol=1e-5)
-    gw = ops._bsr_dense_weight(s.values.grad, s.row_ptr, s.col_idx, 70, 130)
-    mask = (w != 0)
+    gw = ops._bsr_dense_weight(s.values.grad, s.row_ptr, s.col_idx, N, K)
+    mask = formats.block_mask(w, *block).repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:N, :K]
     torch.testing.assert_close(gw, lin.weight.grad * mask, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(params=["0", "1"])
+def bf16_dot(request, monkeypatch):
+    """bf16 blocks: the widen-to-fp32 kernels ("0") and VDPBF16PS ("1", where the CPU has it)."""
+    if request.param == "1" and not pysparse.cpu_info()["features"]["avx512_bf16"]:
+        pytest.skip("CPU has no AVX512-BF16")
+    monkeypatch.setenv("PYSPARSE_CPU_BF16", request.param)
+    return request.param
+
+
+# M = 13 and 20 cross kBf16WidenOnceRows (8): the widen-once path; M = 1, 7 widen per row group
+@pytest.mark.parametrize("block", [(16, 2), (32, 32), (64, 32), (64, 64)])
+@pytest.mark.parametrize("M,N,K", [(1, 100, 130), (0, 64, 64), (13, 70, 33), (7, 1, 1), (20, 130, 300)])
+def test_bsr_bf16_matches_float64(isa, bf16_dot, block, M, N, K):
+    bn, bk = block
+    w = pruned_weight(N, K, bn, bk, 0.4, zero_rows=True)
+    values, lay = formats.pack_bsr_bf16(w, bn, bk)
+    assert values.dtype == torch.bfloat16 and values.shape[1:] == (bk // 2, bn, 2)
+    wb = w.bfloat16().float()  # what the blocks hold
+    b = torch.randn(N)
+    for xdt in (torch.float32, torch.bfloat16):
+        x = torch.randn(M, K).to(xdt)
+        xb = x.bfloat16().float()  # the op rounds x to bf16, as a bf16 nn.Linear
+        for relu in (False, True):
+            y = ops.bsr_linear(x, values, lay.row_ptr, lay.col_idx, b, N, K, relu)
+            assert y.dtype == xdt
+            ref = R.bsr_linear(xb.double(), wb, b, relu)
+            # bf16 products are exact in fp32: only the fp32 sums round (then the output cast)
+            tol = fp32_bound(xb, wb) + 1e-6 * b.abs().max()
+            if xdt == torch.bfloat16:
+                tol = tol + ref.abs() * 2.0**-8  # the bf16 output's rounding
+            assert ((y.double() - ref).abs() <= tol).all()
+
+
+def test_bsr_bf16_layer_state_dict_and_gradients():
+    N, K = 130, 96
+    w = pruned_weight(N, K, 64, 32, 0.5)
+    lin = _lin(w)
+    s = BlockSparseLinear.from_dense(lin, dtype=torch.bfloat16, dispatch="sparse")
+    assert s.values.dtype == torch.bfloat16 and s.values.dim() == 4 and "bfloat16" in repr(s)
+    x = torch.randn(9, K, dtype=torch.bfloat16)
+    y = s(x)
+    assert y.dtype == torch.bfloat16
+    ref = R.bsr_linear(x.double(), w.bfloat16().float(), lin.bias.detach())
+    torch.testing.assert_close(y.double(), ref, rtol=2**-7, atol=1e-3)  # bf16 output rounding
+    # a saved layer loads back bit for bit; .float() on the CPU keeps the bf16 blocks
+    t = BlockSparseLinear.from_dense(_lin(pruned_weight(N, K, 64, 32, 0.5)), dtype=torch.bfloat16,
+                                     dispatch="sparse")
+    t.load_state_dict(s.state_dict())
+    assert torch.equal(t(x), y)
+    t.float()
+    assert t.values.dtype == torch.bfloat16 and torch.equal(t(x), y)
+    # gradients: the masked dense product with x rounded to bf16
+    xf = torch.randn(5, K, requires_grad=True)
+    g = torch.randn(5, N)
+    (s(xf) * g).sum().backward()
+    wb = w.bfloat16().float()
+    torch.testing.assert_close(xf.grad, g @ wb, rtol=1e-5, atol=1e-5)
+    assert s.values.grad.dtype == torch.bfloat16 and s.values.grad.shape == s.values.shape
+    gw = ops._bsr_dense_weight(s.values.grad, s.row_ptr, s.col_idx, N, K).float()
+    ref_gw = (g.T @ xf.detach().bfloat16().float()) * (w != 0)
+    torch.testing.assert_close(gw, ref_gw, rtol=2**-7, atol=1e-2)  # the gradient stored in bf16
+
+
+def test_bf16_env_bad_value(monkeypatch):
+    monkeypatch.setenv("PYSPARSE_CPU_BF16", "yes")
+    w = pruned_weight(64, 64, 64, 32, 0.5)
+    v, lay = formats.pack_bsr_bf16(w, 64, 32)
+    with pytest.raises(ValueError, match="PYSPARSE_CPU_BF16"):
+        ops.bsr_linear(torch.randn(2, 64), v, lay.row_ptr, lay.col_idx, None, 64, 64)
 
 
 def test_block_magnitude_layer_and_global():
@@ -240,9 +322,11 @@ def test_semi_structured_pruning():
     assert not is_2_4(torch.ones(4, 8))
 
 
-def test_half_blocks_need_a_gpu():
+def test_float16_blocks_need_a_gpu():
     with pytest.raises(ValueError, match="GPU"):
-        BlockSparseLinear.from_dense(nn.Linear(64, 64), dtype=torch.bfloat16)
+        BlockSparseLinear.from_dense(nn.Linear(64, 64), dtype=torch.float16)
+    with pytest.raises(ValueError, match="bk must be even"):
+        BlockSparseLinear.from_dense(nn.Linear(64, 64), block=(16, 7), dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("static", [False, True])

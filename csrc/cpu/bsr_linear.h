@@ -29,6 +29,32 @@ void bsr_f32_scalar(const BsrF32Args& g, int64_t r0, int64_t r1);
 void bsr_f32_avx2(const BsrF32Args& g, int64_t r0, int64_t r1);
 void bsr_f32_avx512(const BsrF32Args& g, int64_t r0, int64_t r1);
 
+// bf16 BSR: values [nnzb][bk/2][bn][2] bf16 (bk even): for each pair of inputs k, k+1 the
+// bn outputs' two weights sit side by side, the operand order of VDPBF16PS (one 32-bit lane
+// = one output's pair) and of an AMX bf16 B tile row. x comes as bf16 too ([M][ldx], ldx
+// even, column K zero when K is odd), so products are exact in fp32 and only the sums
+// round. The accumulators, bias, ReLU and output are fp32 (f.values is unused).
+struct BsrBf16Args {
+  BsrF32Args f;            // f.x: x as fp32 (the bf16 values widened) or nullptr, see below
+  const uint16_t* x;       // bf16 [M][ldxb]
+  int64_t ldxb;
+  const uint16_t* values;  // bf16 [nnzb][bk/2][bn][2]
+};
+// From this many rows on, the widening paths widen each block row once into an fp32
+// scratch and run the fp32 kernel over it (f.x must then be set): widening in registers
+// costs 2 ALU ops per 16 weights per row group on the FMA ports (1.3x slower than fp32 at
+// M = 128, density 0.1), once per block row it is noise. Below it the bf16 blocks stream
+// from memory at half the fp32 bytes (M = 1: 2x faster than fp32).
+constexpr int64_t kBf16WidenOnceRows = 8;
+void bsr_bf16_scalar(const BsrBf16Args& g, int64_t r0, int64_t r1);
+void bsr_bf16_avx2(const BsrBf16Args& g, int64_t r0, int64_t r1);
+void bsr_bf16_avx512(const BsrBf16Args& g, int64_t r0, int64_t r1);      // widens bf16 to fp32
+void bsr_bf16_avx512bf16(const BsrBf16Args& g, int64_t r0, int64_t r1);  // VDPBF16PS
+// VDPBF16PS's MAC rate over fp32 FMA's on this core, measured in registers (about 1 ms;
+// call only where AVX512-BF16 exists). It differs by CPU: 0.5 on the development machine
+// (one VDPBF16PS per 2 cycles, 2 FMAs per cycle), so the choice is measured, not assumed.
+double bf16_dot_speedup();
+
 // int8 BSR: blocks of 64 outputs x 64 inputs, each stored in the dense int8 kernels'
 // layout ([4 column blocks][16 k-groups][16 columns][4 k] = 4096 bytes), so the same
 // VPDPBUSD inner loop runs over a block. Activations come quantized (GemmArgs.a, padded

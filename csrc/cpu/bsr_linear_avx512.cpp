@@ -11,8 +11,9 @@ namespace cpu {
 
 namespace {
 
+// v0: the block row's first block (g.values + row_ptr[rb] * bk * bn, or a widened copy).
 template <int MR, int NB>
-inline void f32_rows(const BsrF32Args& g, int64_t m0, int64_t rb) {
+inline void f32_rows(const BsrF32Args& g, int64_t m0, int64_t rb, const float* v0) {
   __m512 acc[MR][NB];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
@@ -21,7 +22,7 @@ inline void f32_rows(const BsrF32Args& g, int64_t m0, int64_t rb) {
   const float* x = g.x + m0 * g.ldx;
   for (int32_t b = g.row_ptr[rb]; b < g.row_ptr[rb + 1]; ++b) {
     const int64_t k0 = int64_t(g.col_idx[b]) * g.bk, kn = std::min(g.bk, g.K - k0);
-    const float* v = g.values + int64_t(b) * g.bk * g.bn;
+    const float* v = v0 + int64_t(b - g.row_ptr[rb]) * g.bk * g.bn;
     const float* xk = x + k0;
     for (int64_t k = 0; k < kn; ++k, v += g.bn, ++xk) {
       __m512 w[NB];
@@ -47,19 +48,108 @@ inline void f32_rows(const BsrF32Args& g, int64_t m0, int64_t rb) {
 // the block row's values would stream once per row (M = 16 at bn 64: 6 + 6 + 4, not
 // 6 + 6 + 1 + 1 + 1 + 1).
 template <int NB, int R>
-inline void f32_tail(const BsrF32Args& g, int64_t m, int64_t rows, int64_t rb) {
+inline void f32_tail(const BsrF32Args& g, int64_t m, int64_t rows, int64_t rb, const float* v0) {
   if constexpr (R > 0) {
-    if (rows == R) return f32_rows<R, NB>(g, m, rb);
-    f32_tail<NB, R - 1>(g, m, rows, rb);
+    if (rows == R) return f32_rows<R, NB>(g, m, rb, v0);
+    f32_tail<NB, R - 1>(g, m, rows, rb, v0);
   }
 }
 
 template <int NB, int MR>
-void f32_block_row(const BsrF32Args& g, int64_t rb) {
-  int64_t m = 0;
-  for (; m + MR <= g.M; m += MR) f32_rows<MR, NB>(g, m, rb);
-  if (m < g.M) f32_tail<NB, MR - 1>(g, m, g.M - m, rb);
+void f32_block_row(const BsrF32Args& g, int64_t rb, const float* v0, int64_t m = 0) {
+  for (; m + MR <= g.M; m += MR) f32_rows<MR, NB>(g, m, rb, v0);
+  if (m < g.M) f32_tail<NB, MR - 1>(g, m, g.M - m, rb, v0);
 }
+
+// 24 accumulators of the 32 zmm: 6 rows x 4 (bn 64), 12 x 2 (bn 32), 12 x 1 (bn 16).
+inline void f32_any_block_row(const BsrF32Args& g, int64_t rb, const float* v0, int64_t m = 0) {
+  if (g.bn == 64) f32_block_row<4, 6>(g, rb, v0, m);
+  else if (g.bn == 32) f32_block_row<2, 12>(g, rb, v0, m);
+  else f32_block_row<1, 12>(g, rb, v0, m);
+}
+// bf16 blocks widened to fp32 in registers (AVX-512 CPUs without AVX512-BF16): one 64-byte
+// load holds 16 outputs x a pair of inputs; shifting each 32-bit lane left by 16 gives the
+// even input's fp32 weights, masking off the low half the odd one's. Same for the x pair.
+// Registers: MR x NB accumulators + 2 x NB weights + 2 x + 1 mask <= 32 (4 x 4 at bn 64).
+// STORE: also write the widened weights, fp32 k-major, to `wide` (the block row's scratch)
+// for the fp32 kernel to reuse on the remaining rows.
+template <int MR, int NB, bool STORE = false>
+inline void bf16w_rows(const BsrBf16Args& b, int64_t m0, int64_t rb, float* wide = nullptr) {
+  const BsrF32Args& g = b.f;
+  __m512 acc[MR][NB];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
+  const __m512i hi = _mm512_set1_epi32(int32_t(0xFFFF0000u));
+  const uint16_t* x = b.x + m0 * b.ldxb;
+  for (int32_t blk = g.row_ptr[rb]; blk < g.row_ptr[rb + 1]; ++blk) {
+    const int64_t k0 = int64_t(g.col_idx[blk]) * g.bk, kp = (std::min(g.bk, g.K - k0) + 1) / 2;
+    const uint16_t* v = b.values + int64_t(blk) * g.bk * g.bn;
+    const uint16_t* xk = x + k0;
+    float* wd = STORE ? wide + int64_t(blk - g.row_ptr[rb]) * g.bk * g.bn : nullptr;
+    for (int64_t p = 0; p < kp; ++p, v += 2 * g.bn, xk += 2) {
+      __m512 we[NB], wo[NB];
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) {
+        const __m512i raw = _mm512_loadu_si512(v + 32 * j);
+        we[j] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+        wo[j] = _mm512_castsi512_ps(_mm512_and_si512(raw, hi));
+        if constexpr (STORE) {
+          _mm512_storeu_ps(wd + 2 * p * g.bn + 16 * j, we[j]);
+          _mm512_storeu_ps(wd + (2 * p + 1) * g.bn + 16 * j, wo[j]);
+        }
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) {
+        uint32_t pair;
+        std::memcpy(&pair, xk + r * b.ldxb, 4);
+        const __m512i xp = _mm512_set1_epi32(int32_t(pair));
+        const __m512 xe = _mm512_castsi512_ps(_mm512_slli_epi32(xp, 16));
+        const __m512 xo = _mm512_castsi512_ps(_mm512_and_si512(xp, hi));
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; ++j) {
+          acc[r][j] = _mm512_fmadd_ps(xo, wo[j], acc[r][j]);
+          acc[r][j] = _mm512_fmadd_ps(xe, we[j], acc[r][j]);
+        }
+      }
+    }
+  }
+  alignas(64) float tmp[MR * 64];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) _mm512_store_ps(tmp + r * 64 + 16 * j, acc[r][j]);
+  detail::bsr_f32_store(g, m0, MR, rb * g.bn, tmp, 64);
+}
+
+template <int NB, int R>
+inline void bf16w_tail(const BsrBf16Args& b, int64_t m, int64_t rows, int64_t rb) {
+  if constexpr (R > 0) {
+    if (rows == R) return bf16w_rows<R, NB>(b, m, rb);
+    bf16w_tail<NB, R - 1>(b, m, rows, rb);
+  }
+}
+
+// From kBf16WidenOnceRows rows on, the first MR rows widen in registers and store the fp32
+// weights; the rest run the fp32 kernel on them (one pass over memory, overlapped with
+// that first row group's FMAs: a separate widening pass first cost 0.18 ms at M = 8,
+// density 0.1, where the whole op takes 0.23 ms in fp32).
+template <int NB, int MR>
+void bf16w_block_row(const BsrBf16Args& b, int64_t rb) {
+  if (b.f.x && b.f.M > MR) {
+    float* wide = detail::widen_scratch(b, rb);
+    bf16w_rows<MR, NB, true>(b, 0, rb, wide);
+    if (b.f.bn == 64) f32_block_row<4, 6>(b.f, rb, wide, MR);
+    else if (b.f.bn == 32) f32_block_row<2, 12>(b.f, rb, wide, MR);
+    else f32_block_row<1, 12>(b.f, rb, wide, MR);
+    return;
+  }
+  int64_t m = 0;
+  for (; m + MR <= b.f.M; m += MR) bf16w_rows<MR, NB>(b, m, rb);
+  if (m < b.f.M) bf16w_tail<NB, MR - 1>(b, m, b.f.M - m, rb);
+}
+
 // Blocks per L1 pass: 8 int8 blocks are 32 KB, which stay in L1 while every row of the
 // task streams over them (the dense kernel's K blocking). Without it each 6-row step
 // re-read the block row from L2: 6.5x of the ideal 10x at density 0.1, M = 128.
@@ -129,13 +219,16 @@ void bsr_i8_avx512(const BsrI8Args& b, int64_t r0, int64_t r1, int32_t* C, float
   }
 }
 
-void bsr_f32_avx512(const BsrF32Args& g, int64_t r0, int64_t r1) {
+void bsr_bf16_avx512(const BsrBf16Args& b, int64_t r0, int64_t r1) {
   for (int64_t rb = r0; rb < r1; ++rb) {
-    // 24 accumulators of the 32 zmm: 6 rows x 4 (bn 64), 12 x 2 (bn 32), 12 x 1 (bn 16).
-    if (g.bn == 64) f32_block_row<4, 6>(g, rb);
-    else if (g.bn == 32) f32_block_row<2, 12>(g, rb);
-    else f32_block_row<1, 12>(g, rb);
+    if (b.f.bn == 64) bf16w_block_row<4, 4>(b, rb);
+    else if (b.f.bn == 32) bf16w_block_row<2, 8>(b, rb);
+    else bf16w_block_row<1, 12>(b, rb);
   }
+}
+
+void bsr_f32_avx512(const BsrF32Args& g, int64_t r0, int64_t r1) {
+  for (int64_t rb = r0; rb < r1; ++rb) f32_any_block_row(g, rb, g.values + int64_t(g.row_ptr[rb]) * g.bk * g.bn);
 }
 
 }  // namespace cpu

@@ -22,6 +22,31 @@ void bsr_f32_scalar(const BsrF32Args& g, int64_t r0, int64_t r1) {
   }
 }
 
+void bsr_bf16_scalar(const BsrBf16Args& b, int64_t r0, int64_t r1) {
+  const BsrF32Args& g = b.f;
+  float acc[64];
+  for (int64_t rb = r0; rb < r1; ++rb) {
+    const int64_t n0 = rb * g.bn;
+    for (int64_t m = 0; m < g.M; ++m) {
+      const uint16_t* x = b.x + m * b.ldxb;
+      for (int64_t j = 0; j < g.bn; ++j) acc[j] = 0.f;
+      for (int32_t blk = g.row_ptr[rb]; blk < g.row_ptr[rb + 1]; ++blk) {
+        const int64_t k0 = int64_t(g.col_idx[blk]) * g.bk, kp = (std::min(g.bk, g.K - k0) + 1) / 2;
+        const uint16_t* v = b.values + int64_t(blk) * g.bk * g.bn;
+        for (int64_t p = 0; p < kp; ++p) {
+          // the pair's odd element first, as VDPBF16PS adds them
+          const float x0 = detail::bf16_to_f32(x[k0 + 2 * p]), x1 = detail::bf16_to_f32(x[k0 + 2 * p + 1]);
+          for (int64_t j = 0; j < g.bn; ++j) {
+            acc[j] += x1 * detail::bf16_to_f32(v[(p * g.bn + j) * 2 + 1]);
+            acc[j] += x0 * detail::bf16_to_f32(v[(p * g.bn + j) * 2]);
+          }
+        }
+      }
+      detail::bsr_f32_store(g, m, 1, n0, acc, g.bn);
+    }
+  }
+}
+
 void bsr_i8_scalar(const BsrI8Args& b, int64_t r0, int64_t r1, int32_t* C, float*) {
   const GemmArgs& g = b.g;
   for (int64_t rb = r0; rb < r1; ++rb)

@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "bsr_linear.h"
 #include "int8_linear.h"
 
 namespace pysparse {
@@ -93,6 +94,21 @@ Isa selected_isa() {
     throw std::invalid_argument(std::string("PYSPARSE_CPU_ISA='") + env +
                                 "' is not one of amx, avx512, avx2, scalar");
   return static_cast<int>(cap) < static_cast<int>(best) ? cap : best;
+}
+
+double bf16_dot_speedup_cached() {
+  static const double s = cpu_features().avx512_bf16 ? bf16_dot_speedup() : 0.0;
+  return s;
+}
+
+bool bf16_dot_enabled() {
+  const char* env = std::getenv("PYSPARSE_CPU_BF16");
+  const bool unset = !env || !*env;
+  if (!unset && std::strcmp(env, "0") && std::strcmp(env, "1"))
+    throw std::invalid_argument(std::string("PYSPARSE_CPU_BF16='") + env + "' is not 0 or 1");
+  if (!cpu_features().avx512_bf16 || static_cast<int>(selected_isa()) < static_cast<int>(Isa::Avx512)) return false;
+  if (unset) return bf16_dot_speedup_cached() >= 1.25;
+  return env[0] == '1';
 }
 
 }  // namespace cpu

@@ -77,6 +77,12 @@ struct CpuFeatures {
 const CpuFeatures& cpu_features();
 Isa best_isa();        // best path this CPU (and OS) supports
 Isa selected_isa();    // best_isa() capped by PYSPARSE_CPU_ISA (read on every call)
+// Whether the bf16 kernels use VDPBF16PS: the CPU has AVX512-BF16, the selected path is
+// AVX-512 or above, and either PYSPARSE_CPU_BF16=1 or (unset) VDPBF16PS measured at least
+// 1.25x the MAC rate of fp32 FMA here (bf16_dot_speedup, once per process). "0" forces the
+// widen-to-fp32 kernels. The variable is read on every call, so tests cover both paths.
+bool bf16_dot_enabled();
+double bf16_dot_speedup_cached();  // bf16_dot_speedup() measured once; 0 without AVX512-BF16
 const char* isa_name(Isa isa);
 
 }  // namespace cpu

@@ -56,13 +56,20 @@ void check_bsr(const Tensor& row_ptr, const Tensor& col_idx, int64_t nnzb, int64
     TORCH_CHECK_VALUE(ci[j] >= 0 && ci[j] < KB, op, ": col_idx[", j, "]=", ci[j], " is outside [0, ", KB, ")");
 }
 
+// values: float32 [nnzb, bk, bn] (k-major) or bfloat16 [nnzb, bk/2, bn, 2] (input pairs
+// interleaved; x is then rounded to bf16 as a bf16 nn.Linear would, products are exact in
+// fp32, sums accumulate in fp32).
 Tensor bsr_linear(const Tensor& x, const Tensor& values, const Tensor& row_ptr, const Tensor& col_idx,
                   const std::optional<Tensor>& bias, int64_t N, int64_t K, bool relu) {
-  TORCH_CHECK_VALUE(values.scalar_type() == at::kFloat && values.dim() == 3 && values.is_contiguous() &&
-                        values.device().is_cpu(),
-                    "bsr_linear: values must be a contiguous float32 CPU tensor [nnzb, bk, bn], got ",
-                    values.scalar_type(), " ", values.sizes());
-  const int64_t nnzb = values.size(0), bk = values.size(1), bn = values.size(2);
+  const bool bf16 = values.scalar_type() == at::kBFloat16;
+  TORCH_CHECK_VALUE(values.device().is_cpu() && values.is_contiguous() &&
+                        (bf16 ? values.dim() == 4 && values.size(3) == 2
+                              : values.scalar_type() == at::kFloat && values.dim() == 3),
+                    "bsr_linear: values must be a contiguous CPU tensor, float32 [nnzb, bk, bn] "
+                    "(pysparse.formats.pack_bsr_f32) or bfloat16 [nnzb, bk/2, bn, 2] (pack_bsr_bf16), got ",
+                    values.scalar_type(), " ", values.sizes(), " on ", values.device(),
+                    values.is_contiguous() ? "" : " (not contiguous)");
+  const int64_t nnzb = values.size(0), bk = bf16 ? 2 * values.size(1) : values.size(1), bn = values.size(2);
   TORCH_CHECK_VALUE(bn == 16 || bn == 32 || bn == 64, "bsr_linear: block bn must be 16, 32 or 64, got ", bn);
   TORCH_CHECK_VALUE(bk >= 1, "bsr_linear: block bk must be >= 1");
   TORCH_CHECK_VALUE(N >= 0 && K >= 0, "bsr_linear: N, K must be >= 0");
@@ -76,15 +83,36 @@ Tensor bsr_linear(const Tensor& x, const Tensor& values, const Tensor& row_ptr, 
   int64_t M = 1;
   for (int64_t i = 0; i + 1 < x.dim(); ++i) M *= x.size(i);
   Tensor out = at::empty(shape, x.options().dtype(at::kFloat));
-  if (out.numel() > 0) {
+  if (out.numel() == 0) return dt == at::kFloat ? out : out.to(dt);
+  const Isa isa = ops::isa_now();
+  if (!bf16) {
     Tensor x2 = x.reshape({M, K}).to(at::kFloat);
     if (x2.stride(1) != 1 && K > 0) x2 = x2.contiguous();
     cpu::BsrF32Args g{x2.data_ptr<float>(), M, N, K, K ? x2.stride(0) : 0, bn, bk,
                       row_ptr.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), values.data_ptr<float>(),
                       bias ? bias->data_ptr<float>() : nullptr, relu, out.data_ptr<float>(), N};
-    const Isa isa = ops::isa_now();
     auto fn = isa >= Isa::Avx512 ? cpu::bsr_f32_avx512 : isa == Isa::Avx2 ? cpu::bsr_f32_avx2 : cpu::bsr_f32_scalar;
     parallel_rows(g.row_ptr, R, bk, bn, [&](int64_t r0, int64_t r1) { fn(g, r0, r1); });
+  } else {
+    // The kernels read x in pairs of columns: with K odd, column K must exist and be 0.
+    Tensor xb = x.reshape({M, K}).to(at::kBFloat16);
+    if (K % 2) xb = at::constant_pad_nd(xb, {0, 1});
+    else if (xb.stride(1) != 1 && K > 0) xb = xb.contiguous();
+    const bool dot = ops::bf16_dot_now();
+    // The widening paths run the fp32 kernel from kBf16WidenOnceRows rows on: x rounded to
+    // bf16 (the op's semantics), then held as fp32.
+    Tensor xf;
+    if (!dot && isa >= Isa::Avx2 && M >= cpu::kBf16WidenOnceRows) xf = xb.to(at::kFloat).contiguous();
+    cpu::BsrBf16Args g{{xf.defined() ? xf.data_ptr<float>() : nullptr, M, N, K, xf.defined() ? xf.stride(0) : 0,
+                        bn, bk, row_ptr.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), nullptr,
+                        bias ? bias->data_ptr<float>() : nullptr, relu, out.data_ptr<float>(), N},
+                       reinterpret_cast<const uint16_t*>(xb.data_ptr()), K ? xb.stride(0) : 0,
+                       reinterpret_cast<const uint16_t*>(values.data_ptr())};
+    auto fn = dot                  ? cpu::bsr_bf16_avx512bf16
+              : isa >= Isa::Avx512 ? cpu::bsr_bf16_avx512
+              : isa == Isa::Avx2   ? cpu::bsr_bf16_avx2
+                                   : cpu::bsr_bf16_scalar;
+    parallel_rows(g.f.row_ptr, R, bk, bn, [&](int64_t r0, int64_t r1) { fn(g, r0, r1); });
   }
   return dt == at::kFloat ? out : out.to(dt);
 }

@@ -22,6 +22,14 @@ inline cpu::Isa isa_now() {
   }
 }
 
+inline bool bf16_dot_now() {
+  try {
+    return cpu::bf16_dot_enabled();
+  } catch (const std::exception& e) {  // a bad PYSPARSE_CPU_ISA / PYSPARSE_CPU_BF16 value
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
+
 // x: CPU, float32/bfloat16/float16, last dimension K.
 inline void check_x(const Tensor& x, int64_t K, const char* op) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be on the CPU (the weight is), got ", x.device());

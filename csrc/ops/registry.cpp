@@ -16,10 +16,17 @@ TORCH_LIBRARY(pysparse, m) {
   m.def(
       "int8_linear(Tensor x, Tensor packed, Tensor colsum, Tensor w_scale, Tensor? bias, "
       "Tensor? x_scale, int N, int K) -> Tensor");
-  // Block-sparse (BSR) linear, fp32 values [nnzb, bk, bn]: y = x @ W^T + bias (ReLU fused).
+  // Block-sparse (BSR) linear: y = x @ W^T + bias (ReLU fused); values float32 [nnzb, bk, bn]
+  // or bfloat16 [nnzb, bk/2, bn, 2] on the CPU (float32/float16/bfloat16 [nnzb, bk, bn] on CUDA).
   m.def(
       "bsr_linear(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? bias, int N, int K, "
       "bool relu=False) -> Tensor");
+  // bsr_linear's backward pieces (fixed pattern): grad_x = grad @ W through the kernel on
+  // W^T (float32 [M, K]); the gradient of each stored block, in values' layout and dtype.
+  m.def("bsr_linear_grad_x(Tensor grad, Tensor values, Tensor row_ptr, Tensor col_idx, int N, int K) -> Tensor");
+  m.def(
+      "bsr_linear_grad_values(Tensor grad, Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, int N, "
+      "int K) -> Tensor");
   // Block-sparse int8: 64x64 blocks in the int8 packed layout [nnzb, 4096], per-channel scales.
   m.def(
       "bsr_int8_linear(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor colsum, "
@@ -44,6 +51,12 @@ pybind11::dict cpu_features_dict() {
   d["amx_bf16"] = f.amx_bf16;
   d["amx_os_permission"] = f.amx_os_permission;
   d["best_isa"] = isa_name(best_isa());
+  try {
+    d["bf16_dot"] = bf16_dot_enabled();
+    d["bf16_dot_speedup"] = bf16_dot_speedup_cached();
+  } catch (const std::exception& e) {
+    throw pybind11::value_error(e.what());
+  }
   return d;
 }
 std::string selected_isa_name() {

@@ -43,8 +43,9 @@ class BlockSparseLinear(nn.Module):
     the layer's shape, and the faster is kept, so conversion never makes a layer slower.
     The choice (and the timings) show in ``repr`` and in ``pysparse.plan_report``.
 
-    fp32 blocks ("bsr") are trainable with the pattern fixed (gradients flow to the stored
-    blocks, the bias and the input); int8 blocks ("bsr-int8") are inference only.
+    Float blocks ("bsr": fp32, or bf16) are trainable with the pattern fixed (gradients
+    flow to the stored blocks, the bias and the input); int8 blocks ("bsr-int8") are
+    inference only.
     Input x [..., in_features] float32/bfloat16/float16; output in x's dtype.
     """
 
@@ -67,11 +68,12 @@ class BlockSparseLinear(nn.Module):
                    dispatch: str = "auto", probe_m: tuple[int, ...] = (1, 128)) -> "BlockSparseLinear":
         """Convert an nn.Linear whose weight already holds zero blocks.
 
-        block: (bn, bk) for fp32 blocks; None picks the CPU kernel's block (64, 32).
+        block: (bn, bk) for float blocks; None picks the CPU kernel's block (64, 32).
         int8 always uses 64 x 64 blocks (one VNNI column chunk x one AMX K tile).
-        dtype: None/torch.float32 for fp32 blocks, torch.int8 for int8 blocks (weights
-        per output channel, activations quantized per row at run time); on a GPU also
-        torch.float16 / torch.bfloat16 blocks (the Triton kernel).
+        dtype: None/torch.float32 for fp32 blocks, torch.bfloat16 for bf16 blocks (x is
+        rounded to bf16, products are exact and sums fp32, as a bf16 nn.Linear; bk must
+        be even), torch.int8 for int8 blocks (weights per output channel, activations
+        quantized per row at run time); on a GPU also torch.float16 (the Triton kernel).
         dispatch: "auto" (time sparse vs dense at M in ``probe_m`` on the layer's device,
         keep the faster; on a GPU with a 2:4-sparse weight and a half dtype, torch's 2:4
         semi-structured kernel competes too), "sparse" or "dense" to force one.
@@ -83,9 +85,9 @@ class BlockSparseLinear(nn.Module):
         if dtype not in (None, torch.float32, torch.int8, *_HALF):
             raise ValueError(f"dtype must be None, torch.float32, torch.int8, torch.float16 or torch.bfloat16, "
                              f"got {dtype}")
-        if dtype in _HALF and device.type != "cuda":
-            raise ValueError(f"dtype={dtype} blocks run on the GPU kernel: move the layer to a GPU first, "
-                             "or use torch.float32 / torch.int8 on the CPU")
+        if dtype == torch.float16 and device.type != "cuda":
+            raise ValueError("dtype=torch.float16 blocks run on the GPU kernel: move the layer to a GPU first, "
+                             "or use torch.float32 / torch.bfloat16 / torch.int8 on the CPU")
         if dispatch not in ("auto", "sparse", "dense"):
             raise ValueError(f"dispatch must be 'auto', 'sparse' or 'dense', got {dispatch!r}")
         w = linear.weight.detach().float().cpu()
@@ -102,10 +104,13 @@ class BlockSparseLinear(nn.Module):
         N, K = w.shape
         bias = None if linear.bias is None else linear.bias.detach().float().cpu()
         half = dtype in _HALF
+        if half and device.type == "cpu" and block[1] % 2:
+            raise ValueError(f"bfloat16 blocks pair the inputs on the CPU: block bk must be even, got block={block}")
         sparse = cls(K, N, "bsr-int8" if int8 else "bsr", block, activation)
         sparse._build_sparse(w, bias)
-        if half:  # the Triton kernel reads half blocks; bias stays float32
-            sparse.values.data = sparse.values.data.to(dtype)
+        if half:  # half blocks: k-major for the Triton kernel, input pairs for the CPU; bias stays fp32
+            v = sparse.values.data.to(dtype)
+            sparse.values.data = formats.kmajor_to_bf16_pairs(v) if device.type == "cpu" else v
         sparse = sparse.to(device)
         if dispatch == "sparse":
             return sparse
@@ -119,7 +124,7 @@ class BlockSparseLinear(nn.Module):
             return dense
         candidates = {"sparse": sparse, "dense": dense}
         timings: dict = {"probe_m": list(probe_m)}
-        if half and is_2_4(w):
+        if half and device.type == "cuda" and is_2_4(w):
             try:
                 candidates["semi_structured"] = cls._semi_structured(w, bias, dtype, device, activation, block)
             except Exception as e:  # the GPU, torch build or shape does not support it: say why
@@ -214,15 +219,16 @@ class BlockSparseLinear(nn.Module):
                                                   self.w_scale, getattr(self, "bias_f32", None), None, N, K, relu)
 
     def _apply(self, fn, recurse: bool = True):
-        # int8 blocks live in the CPU kernels' VNNI order on the CPU and k-major on a GPU
-        # (the Triton kernel's tiles): moving the layer re-lays them out once, here.
-        was_cuda = self.format == "bsr-int8" and self.values.is_cuda
+        # Block values live in the layout of their device's kernel: int8 in the CPU kernels'
+        # VNNI order on the CPU and k-major on a GPU; bf16 as input pairs on the CPU and
+        # k-major on a GPU. Moving the layer re-lays them out once, here.
+        was_cuda = self.dense is None and self.values.is_cuda
         # float32 state the kernels need is kept bit for bit through casts like .half():
-        # the bias and scales always, the fp32 blocks on the CPU (the GPU kernel also takes
-        # half blocks, so there .half() casts them).
+        # the bias and scales always, the blocks on the CPU (whose kernels take fp32 and
+        # bf16 blocks only; the GPU kernel also takes half blocks, so there .half() casts them).
         keep = {n: getattr(self, n).data for n in ("bias", "bias_f32", "w_scale")
                 if getattr(self, n, None) is not None}
-        if self.format == "bsr" and not self.values.is_cuda:
+        if self.format == "bsr" and self.dense is None and not was_cuda:
             keep["values"] = self.values.data
         super()._apply(fn, recurse)
         for name, t in keep.items():
@@ -234,8 +240,10 @@ class BlockSparseLinear(nn.Module):
                 cur.data = t.to(target)
             else:
                 setattr(self, name, t.to(target))
+        if self.dense is not None:
+            return self
+        now_cuda = self.values.is_cuda
         if self.format == "bsr-int8":
-            now_cuda = self.values.is_cuda
             if now_cuda and not was_cuda:
                 self.values = formats.int8_blocks_to_kmajor(self.values)
             elif was_cuda and not now_cuda:
@@ -243,7 +251,18 @@ class BlockSparseLinear(nn.Module):
             for name in ("w_scale", "bias_f32"):
                 if getattr(self, name, None) is not None:
                     setattr(self, name, getattr(self, name).float())
+        elif self.format == "bsr":
+            self.values.data = self._values_for(self.values.data, now_cuda)
         return self
+
+    def _values_for(self, v: torch.Tensor, cuda: bool) -> torch.Tensor:
+        """Float blocks in the layout of the CPU (cuda=False) or GPU kernel."""
+        if cuda:
+            return formats.bf16_pairs_to_kmajor(v) if v.dim() == 4 else v
+        if v.dim() == 3 and v.dtype == torch.bfloat16 and self.block[1] % 2 == 0:
+            return formats.kmajor_to_bf16_pairs(v)
+        # float16 (or odd-bk bf16) blocks have no CPU kernel: widen them to fp32, exactly
+        return v.float() if v.dim() == 3 and v.dtype != torch.float32 else v
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -259,6 +278,8 @@ class BlockSparseLinear(nn.Module):
                 new = state_dict[key].to(cur.device)
                 if name == "values" and self.format == "bsr-int8" and cur.is_cuda:
                     new = formats.int8_blocks_to_kmajor(new)
+                elif name == "values" and self.format == "bsr":  # the layout of this device's kernel
+                    new = self._values_for(new.to(cur.dtype), cur.is_cuda)
                 if isinstance(cur, nn.Parameter):
                     cur.data = new.clone()  # the same Parameter: an optimizer keeps tracking it
                 else:
@@ -272,5 +293,6 @@ class BlockSparseLinear(nn.Module):
         t = ""
         if self.timings:
             t = f", measured sparse={self.timings['sparse_ms']:.3f}ms dense={self.timings['dense_ms']:.3f}ms"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
+        dt = f", dtype={self.values.dtype}" if self.format == "bsr" and self.dense is None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}{dt}, "
                 f"block={self.block}, density={self.density:.3f}, activation={self.activation}{t}")
