@@ -23,8 +23,9 @@ __version__ = "0.1.0"
 def cpu_info() -> dict:
     """What the CPU offers and which kernel each op will use now.
 
-    Returns a dict: the detected features (AVX2, AVX-512 VNNI, AMX and whether the OS
-    granted AMX), ``best_isa``, ``selected_isa`` (after the PYSPARSE_CPU_ISA cap),
+    Returns a dict: the detected features (AVX2, AVX-512 VNNI, AVX512-BF16, AMX and whether
+    the OS granted AMX; ``bf16_dot_speedup``: VDPBF16PS's measured MAC rate over fp32 FMA's),
+    ``best_isa``, ``selected_isa`` (after the PYSPARSE_CPU_ISA cap),
     ``threads`` (torch.get_num_threads(), which the kernels use), and ``ops``: each op's
     kernel on the CPU.
     """
@@ -38,6 +39,10 @@ def cpu_info() -> dict:
         "threads": torch.get_num_threads(),
         "ops": {"int8_linear": f"cpu-{sel}", "int8_mm": f"cpu-{sel}",
                 "bsr_linear": f"cpu-{'avx512' if sel == 'amx' else sel}",
+                # bf16 blocks: VDPBF16PS where it out-runs fp32 FMA here (PYSPARSE_CPU_BF16 forces
+                # it on or off), else the bf16 weights widened to fp32 in registers
+                "bsr_linear_bf16": ("cpu-avx512bf16" if feats.get("bf16_dot") else
+                                    f"cpu-{'avx512' if sel == 'amx' else sel}-widen"),
                 # int8 blocks: the VNNI kernel (AMX machines too); below AVX-512 the scalar one
                 "bsr_int8_linear": "cpu-avx512" if sel in ("avx512", "amx") else "cpu-scalar"},
     }

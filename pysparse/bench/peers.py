@@ -194,15 +194,19 @@ def _pysparse_bsr_missing(op: str) -> Optional[str]:
     return None
 
 
-def pysparse_bsr(int8: bool = False) -> Contender:
-    """pysparse's BlockSparseLinear with fp32 blocks (its default 64 x 32) or int8 blocks
-    (64 x 64, dynamic per-row int8 activations). dispatch="sparse": the sparse kernel itself,
-    not the dense layer that "auto" keeps where sparsity does not pay."""
+def pysparse_bsr(dtype: Optional[torch.dtype] = None) -> Contender:
+    """pysparse's BlockSparseLinear with fp32 blocks (dtype None; its default 64 x 32), bf16
+    blocks (64 x 32; x rounded to bf16) or int8 blocks (64 x 64, dynamic per-row int8
+    activations). dispatch="sparse": the sparse kernel itself, not the dense layer that
+    "auto" keeps where sparsity does not pay."""
     def prepare(w: torch.Tensor, b: Optional[torch.Tensor]) -> Any:
-        return pysparse.nn.BlockSparseLinear.from_dense(make_linear(w, b), dtype=torch.int8 if int8 else None,
-                                                        dispatch="sparse")
+        return pysparse.nn.BlockSparseLinear.from_dense(make_linear(w, b), dtype=dtype, dispatch="sparse")
 
+    int8 = dtype == torch.int8
     op = "bsr_int8_linear" if int8 else "bsr_linear"
-    return Contender(name="pysparse-bsr-int8" if int8 else "pysparse-bsr", role="ours", prepare=prepare,
-                     call=lambda m, x: m(x), weight_bytes=lambda c: int(c.density * c.N * c.K * (1 if int8 else 4)),
-                     available=lambda: _pysparse_bsr_missing(op), tolerance=TOL_INT8 if int8 else TOL_FP32)
+    suffix = {torch.int8: "-int8", torch.bfloat16: "-bf16"}.get(dtype, "")
+    nbytes = {torch.int8: 1, torch.bfloat16: 2}.get(dtype, 4)
+    tol = {torch.int8: TOL_INT8, torch.bfloat16: TOL_BF16}.get(dtype, TOL_FP32)
+    return Contender(name="pysparse-bsr" + suffix, role="ours", prepare=prepare,
+                     call=lambda m, x: m(x), weight_bytes=lambda c: int(c.density * c.N * c.K * nbytes),
+                     available=lambda: _pysparse_bsr_missing(op), tolerance=tol)
