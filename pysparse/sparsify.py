@@ -19,7 +19,8 @@ def sparsify(model: nn.Module, sparsity: float, block: Optional[tuple[int, int]]
     they are not already that sparse, and convert them to BlockSparseLinear, in place.
 
     block: the pruning and kernel block (None: the kernel's choice; int8 uses 64 x 64).
-    dtype: None/torch.float32 or torch.int8 block values. skip: names/globs/prefixes to
+    dtype: None/torch.float32, torch.bfloat16 or torch.int8 block values (see
+    BlockSparseLinear.from_dense; torch.float16 on a GPU). skip: names/globs/prefixes to
     leave alone. dispatch: "auto" keeps dense where the sparse kernel is not faster.
     Returns the model (a bare nn.Linear is returned converted).
     """

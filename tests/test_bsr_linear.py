@@ -200,6 +200,16 @@ def test_bsr_bf16_layer_state_dict_and_gradients():
     torch.testing.assert_close(gw, ref_gw, rtol=2**-7, atol=1e-2)  # the gradient stored in bf16
 
 
+def test_bf16_layer_kept_dense_takes_float32_input():
+    lin = _lin(pruned_weight(64, 96, 64, 32, 0.5))
+    d = BlockSparseLinear.from_dense(lin, dtype=torch.bfloat16, dispatch="dense")
+    x = torch.randn(3, 96)
+    y = d(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, nn.functional.linear(x.bfloat16(), lin.weight.bfloat16(),
+                                                       lin.bias.bfloat16()).float())
+
+
 def test_bf16_env_bad_value(monkeypatch):
     monkeypatch.setenv("PYSPARSE_CPU_BF16", "yes")
     w = pruned_weight(64, 64, 64, 32, 0.5)

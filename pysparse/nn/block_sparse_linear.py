@@ -210,7 +210,11 @@ class BlockSparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         relu = self.activation == "relu"
         if self.dense is not None:
-            y = self.dense(x)
+            if isinstance(self.dense, nn.Linear) and self.dense.weight.dtype != x.dtype:
+                # a half layer kept dense (dtype=bf16/fp16) takes any float x, as the sparse one
+                y = self.dense(x.to(self.dense.weight.dtype)).to(x.dtype)
+            else:
+                y = self.dense(x)
             return torch.relu(y) if relu else y
         N, K = self.out_features, self.in_features
         if self.format == "bsr":
