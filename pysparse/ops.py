@@ -149,29 +149,14 @@ def _bsr_kmajor_f32(values: torch.Tensor) -> torch.Tensor:
     return values.float()
 
 
+# The CPU kernels of both backward ops register from C++ (csrc/ops/bsr_linear.cpp: grad_x
+# through the forward kernel on W^T, grad of the blocks one register-tiled pass per block);
+# these composites serve the other devices (CUDA), with dense and per-block-row PyTorch ops.
 @torch.library.impl("pysparse::bsr_linear_grad_x", "CompositeExplicitAutograd")
 def _bsr_grad_x(g2: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                 N: int, K: int) -> torch.Tensor:
-    """grad_x [M, K] float32 = grad_y [M, N] @ W, through the block-sparse kernel on W^T.
-
-    W^T in BSR has block rows of bk inputs and blocks [bn, bk] (k-major for W^T is the
-    transpose of each stored block): the blocks reorder by column, once per backward
-    (O(nnzb) index work and one copy of the stored values), and the forward kernel does the
-    GEMM, skipping the zero blocks as it does forward.
-    """
-    bn, bk = _bsr_block(values)
-    v = _bsr_kmajor_f32(values.detach())
-    if g2.device.type != "cpu" or bk not in (16, 32, 64):
-        # the CPU kernel's block widths; elsewhere the dense product (correct, not fast)
-        return g2.float() @ _bsr_dense_weight(v, row_ptr, col_idx, N, K)
-    R, KB = -(-N // bn), -(-K // bk)
-    counts = (row_ptr[1:] - row_ptr[:-1]).long()
-    rows = torch.repeat_interleave(torch.arange(R, dtype=torch.int32), counts)
-    order = torch.argsort(col_idx, stable=True)
-    row_ptr_t = torch.zeros(KB + 1, dtype=torch.int32)
-    row_ptr_t[1:] = torch.cumsum(torch.bincount(col_idx.long(), minlength=KB), 0)
-    values_t = v[order].transpose(1, 2).contiguous()  # [nnzb, bn, bk]: k-major blocks of W^T
-    return torch.ops.pysparse.bsr_linear(g2.float(), values_t, row_ptr_t, rows[order].contiguous(), None, K, N, False)
+    """grad_x [M, K] float32 = grad_y [M, N] @ W (the dense product of the stored blocks)."""
+    return g2.reshape(-1, N).float() @ _bsr_dense_weight(_bsr_kmajor_f32(values.detach()), row_ptr, col_idx, N, K)
 
 
 @torch.library.impl("pysparse::bsr_linear_grad_values", "CompositeExplicitAutograd")
@@ -205,7 +190,8 @@ def _bsr_grad_values(g2: torch.Tensor, x2: torch.Tensor, values: torch.Tensor, r
 
 @torch.library.register_fake("pysparse::bsr_linear_grad_x")
 def _bsr_grad_x_fake(g2, values, row_ptr, col_idx, N: int, K: int):
-    return g2.new_empty((g2.shape[0], K), dtype=torch.float32)
+    torch._check(g2.shape[-1] == N, lambda: f"bsr_linear_grad_x: grad must be [..., {N}]")
+    return g2.new_empty((g2.numel() // max(N, 1), K), dtype=torch.float32)
 
 
 @torch.library.register_fake("pysparse::bsr_linear_grad_values")

@@ -137,6 +137,49 @@ def test_gradients_match_masked_dense(isa, block, M, N, K):
     torch.testing.assert_close(gw, lin.weight.grad * mask, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block", [(16, 16), (32, 64), (64, 32), (64, 7)])
+@pytest.mark.parametrize("M,N,K", [(1, 100, 130), (0, 64, 64), (13, 70, 33), (40, 130, 300)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bsr_grad_values_kernel_matches_float64(isa, block, M, N, K, dtype):
+    if dtype == torch.bfloat16 and block[1] % 2:
+        pytest.skip("bf16 blocks need an even bk")
+    w = pruned_weight(N, K, *block, 0.4, zero_rows=True)
+    vals, lay = (formats.pack_bsr_bf16 if dtype == torch.bfloat16 else formats.pack_bsr_f32)(w, *block)
+    g, x = torch.randn(M, N), torch.randn(M, K)
+    gv = torch.ops.pysparse.bsr_linear_grad_values(g, x, vals, lay.row_ptr, lay.col_idx, N, K)
+    assert gv.dtype == vals.dtype and gv.shape == vals.shape
+    xr = x.to(dtype).double()  # bf16 blocks multiplied x rounded to bf16
+    mask = formats.block_mask(w, *block).repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:N, :K]
+    ref = (g.double().T @ xr) * mask
+    got = ops._bsr_dense_weight(gv.float(), lay.row_ptr, lay.col_idx, N, K).double()
+    bound = M * torch.finfo(torch.float32).eps * (g.abs().double().T @ xr.abs()) + 1e-30  # fp32 sums over M
+    if dtype == torch.bfloat16:
+        bound = bound + ref.abs() * 2.0**-8  # the gradient is stored in bf16
+    assert ((got - ref).abs() <= bound).all()
+    # the padding of edge blocks gets no gradient
+    full = gv.float() if gv.dim() == 3 else formats.bf16_pairs_to_kmajor(gv).float()
+    assert torch.equal(ops._bsr_dense_weight(full, lay.row_ptr, lay.col_idx, -(-N // block[0]) * block[0],
+                                             -(-K // block[1]) * block[1])[N:].abs().sum(), torch.tensor(0.))
+
+
+# bk 7: not a kernel width, so W^T's blocks go through the addmm fallback
+@pytest.mark.parametrize("block", [(16, 16), (32, 64), (64, 32), (64, 7)])
+@pytest.mark.parametrize("M,N,K", [(1, 100, 130), (0, 64, 64), (13, 70, 33), (40, 130, 300)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bsr_grad_x_kernel_matches_float64(isa, block, M, N, K, dtype):
+    if dtype == torch.bfloat16 and block[1] % 2:
+        pytest.skip("bf16 blocks need an even bk")
+    w = pruned_weight(N, K, *block, 0.4, zero_rows=True)
+    vals, lay = (formats.pack_bsr_bf16 if dtype == torch.bfloat16 else formats.pack_bsr_f32)(w, *block)
+    g = torch.randn(M, N)
+    gx = torch.ops.pysparse.bsr_linear_grad_x(g, vals, lay.row_ptr, lay.col_idx, N, K)
+    assert gx.dtype == torch.float32 and gx.shape == (M, K)
+    wd = w.to(dtype).double()
+    ref = g.double() @ wd
+    bound = N * torch.finfo(torch.float32).eps * (g.abs().double() @ wd.abs()) + 1e-30  # fp32 sums over N
+    assert ((gx.double() - ref).abs() <= bound).all()
+
+
 @pytest.fixture(params=["0", "1"])
 def bf16_dot(request, monkeypatch):
     """bf16 blocks: the widen-to-fp32 kernels ("0") and VDPBF16PS ("1", where the CPU has it)."""

@@ -55,6 +55,30 @@ void bsr_bf16_avx512bf16(const BsrBf16Args& g, int64_t r0, int64_t r1);  // VDPB
 // (one VDPBF16PS per 2 cycles, 2 FMAs per cycle), so the choice is measured, not assumed.
 double bf16_dot_speedup();
 
+// Gradient of the stored fp32 blocks (training with a fixed pattern): for block j of block
+// row r, out[j][k][n] = sum_m x[m][k0 + k] * g[m][r*bn + n], k-major like the values;
+// rows k >= K and columns n >= N (the blocks' padding) get 0.
+struct BsrGradArgs {
+  const float* x;  // [M][ldx]
+  const float* g;  // [M][ldg], the output gradient
+  int64_t M, N, K, ldx, ldg;
+  int64_t bn, bk;  // bn in {16, 32, 64}
+  const int32_t* row_ptr;
+  const int32_t* col_idx;
+  float* out;  // [nnzb][bk][bn]
+};
+// Block rows [r0, r1). Single-threaded.
+void bsr_grad_values_scalar(const BsrGradArgs& a, int64_t r0, int64_t r1);
+void bsr_grad_values_avx2(const BsrGradArgs& a, int64_t r0, int64_t r1);
+void bsr_grad_values_avx512(const BsrGradArgs& a, int64_t r0, int64_t r1);
+
+// Transpose blocks [bk][bn] -> [bn][bk] (fp32): dst block p = src block order[p], for p in
+// [p0, p1). bk in {16, 32, 64} (W^T's kernel widths, for the input gradient).
+void transpose_blocks_scalar(const float* src, const int32_t* order, int64_t p0, int64_t p1, int64_t bk,
+                             int64_t bn, float* dst);
+void transpose_blocks_avx512(const float* src, const int32_t* order, int64_t p0, int64_t p1, int64_t bk,
+                             int64_t bn, float* dst);
+
 // int8 BSR: blocks of 64 outputs x 64 inputs, each stored in the dense int8 kernels'
 // layout ([4 column blocks][16 k-groups][16 columns][4 k] = 4096 bytes), so the same
 // VPDPBUSD inner loop runs over a block. Activations come quantized (GemmArgs.a, padded

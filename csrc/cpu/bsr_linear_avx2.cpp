@@ -150,5 +150,9 @@ void bsr_f32_avx2(const BsrF32Args& g, int64_t r0, int64_t r1) {
   for (int64_t rb = r0; rb < r1; ++rb) f32_block_row(g, rb, g.values + int64_t(g.row_ptr[rb]) * g.bk * g.bn);
 }
 
+void bsr_grad_values_avx2(const BsrGradArgs& a, int64_t r0, int64_t r1) {
+  detail::bsr_grad_values_generic(a, r0, r1);
+}
+
 }  // namespace cpu
 }  // namespace pysparse

@@ -43,6 +43,37 @@ inline float* widen_scratch(const BsrBf16Args& b, int64_t rb) {
   return reinterpret_cast<float*>((p + 63) & ~uintptr_t(63));
 }
 
+// Portable gradient of the stored blocks (the scalar and AVX2 units compile it with their
+// flags; the inner loop over bn contiguous outputs vectorizes). KR rows of a block's k
+// accumulate over all M at once, so each g row slice is read once per KR rows of k.
+inline void bsr_grad_values_generic(const BsrGradArgs& a, int64_t r0, int64_t r1) {
+  constexpr int64_t KR = 8;
+  float acc[KR][64];
+  for (int64_t rb = r0; rb < r1; ++rb) {
+    const int64_t n0 = rb * a.bn, nn = std::min(a.bn, a.N - n0);
+    for (int32_t b = a.row_ptr[rb]; b < a.row_ptr[rb + 1]; ++b) {
+      const int64_t k0 = int64_t(a.col_idx[b]) * a.bk, kn = std::min(a.bk, a.K - k0);
+      float* ob = a.out + int64_t(b) * a.bk * a.bn;
+      std::fill(ob, ob + a.bk * a.bn, 0.f);
+      for (int64_t kc = 0; kc < kn; kc += KR) {
+        const int64_t kr = std::min(KR, kn - kc);
+        for (int64_t r = 0; r < kr; ++r)
+          for (int64_t n = 0; n < 64; ++n) acc[r][n] = 0.f;
+        for (int64_t m = 0; m < a.M; ++m) {
+          const float* gm = a.g + m * a.ldg + n0;
+          const float* xm = a.x + m * a.ldx + k0 + kc;
+          for (int64_t r = 0; r < kr; ++r) {
+            const float xv = xm[r];
+            for (int64_t n = 0; n < nn; ++n) acc[r][n] += xv * gm[n];
+          }
+        }
+        for (int64_t r = 0; r < kr; ++r)
+          for (int64_t n = 0; n < nn; ++n) ob[(kc + r) * a.bn + n] = acc[r][n];
+      }
+    }
+  }
+}
+
 template <bool U8, bool RELU>
 inline void i8_dequant(const int32_t* c, const int32_t* cs, const float* ws, float sa, const float* bias,
                        float* f) {

@@ -66,5 +66,19 @@ void bsr_i8_scalar(const BsrI8Args& b, int64_t r0, int64_t r1, int32_t* C, float
     }
 }
 
+void bsr_grad_values_scalar(const BsrGradArgs& a, int64_t r0, int64_t r1) {
+  detail::bsr_grad_values_generic(a, r0, r1);
+}
+
+void transpose_blocks_scalar(const float* src, const int32_t* order, int64_t p0, int64_t p1, int64_t bk,
+                             int64_t bn, float* dst) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* s = src + int64_t(order[p]) * bk * bn;
+    float* d = dst + p * bn * bk;
+    for (int64_t n = 0; n < bn; ++n)
+      for (int64_t k = 0; k < bk; ++k) d[n * bk + k] = s[k * bn + n];
+  }
+}
+
 }  // namespace cpu
 }  // namespace pysparse

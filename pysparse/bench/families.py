@@ -94,3 +94,23 @@ register_family(KernelFamily(
     reference="dense-fp32",
     references={"pysparse-bsr-int8": "dense-int8"},
     x_axis="density", ideal=True))
+
+
+def _train_cases(quick: bool, shapes: Shapes) -> list[Case]:
+    if shapes:
+        return [Case(M, N, K, d) for M, N, K in shapes for d in TRAIN_DENSITIES]
+    ms = (128,) if quick else (128, 512)
+    return [Case(M, 4096, 4096, d) for d in TRAIN_DENSITIES for M in ms]
+
+
+TRAIN_DENSITIES = (0.1, 0.25, 0.5)
+
+register_family(KernelFamily(
+    name="sparse_train",
+    title=f"block-sparse fine-tuning step: forward + backward (x, weights, bias), fp32, "
+          f"{peers.PRUNE_BLOCK}x{peers.PRUNE_BLOCK} tiles magnitude-pruned",
+    cases=_train_cases,
+    contenders=lambda device: [peers.train_step("pysparse-bsr-train", sparse=True),
+                               peers.train_step("dense-fp32-train", sparse=False)],
+    make_weight=lambda c: block_prune(base_weight(c.N, c.K), c.density),
+    speedup_for=("pysparse-bsr-train",), reference="dense-fp32-train", x_axis="density", ideal=True))

@@ -210,3 +210,28 @@ def pysparse_bsr(dtype: Optional[torch.dtype] = None) -> Contender:
     return Contender(name="pysparse-bsr" + suffix, role="ours", prepare=prepare,
                      call=lambda m, x: m(x), weight_bytes=lambda c: int(c.density * c.N * c.K * nbytes),
                      available=lambda: _pysparse_bsr_missing(op), tolerance=tol)
+
+
+def _train_step(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One fine-tuning step's compute: forward, then backward to the input, weights and bias."""
+    with torch.enable_grad():  # the runner times under no_grad
+        m.zero_grad(set_to_none=True)
+        x.grad = None
+        y = m(x)
+        y.backward(torch.ones_like(y))
+    return y.detach()
+
+
+def train_step(name: str, sparse: bool) -> Contender:
+    """Forward + backward of a layer with trainable fp32 weights: pysparse's BlockSparseLinear
+    (fixed pattern, gradients to the stored blocks only) or the dense nn.Linear of the same
+    pruned weight (what fine-tuning a masked model costs without a sparse format)."""
+    def prepare(w: torch.Tensor, b: Optional[torch.Tensor]) -> nn.Module:
+        lin = make_linear(w, b)
+        return pysparse.nn.BlockSparseLinear.from_dense(lin, dispatch="sparse") if sparse else lin
+
+    return Contender(name=name, role="ours" if sparse else "peer", prepare=prepare, call=_train_step,
+                     input=lambda x: x.clone().requires_grad_(True),
+                     weight_bytes=lambda c: int((c.density if sparse else 1.0) * c.N * c.K * 4),
+                     available=(lambda: _pysparse_bsr_missing("bsr_linear_grad_values")) if sparse else (lambda: None),
+                     tolerance=TOL_FP32)
