@@ -28,7 +28,8 @@ def fp32_bound(x, w):
 
 
 @pytest.mark.parametrize("block", [(16, 16), (32, 32), (64, 32), (64, 64), (16, 7)])
-@pytest.mark.parametrize("M,N,K", [(1, 100, 130), (0, 64, 64), (13, 70, 33), (7, 1, 1)])
+# M = 150: passes of 64 rows (kF32RowsPerPass) with a partial last one
+@pytest.mark.parametrize("M,N,K", [(1, 100, 130), (0, 64, 64), (13, 70, 33), (7, 1, 1), (150, 100, 130)])
 def test_bsr_f32_matches_float64(isa, block, M, N, K):
     bn, bk = block
     w = pruned_weight(N, K, bn, bk, 0.4, zero_rows=True)
