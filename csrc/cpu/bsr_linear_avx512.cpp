@@ -2,9 +2,7 @@
 // registers across every nonzero block of a block row (no C traffic per block); per k,
 // bn/16 loads of the block's values feed MR * bn/16 FMAs. int8: the VPDPBUSD loop of the
 // dense kernel over 64 x 64 blocks stored in the dense packed layout.
-#include <immintrin.h>
-
-#include "bsr_linear_impl.h"
+#include "bsr_linear_zmm.h"
 
 namespace pysparse {
 namespace cpu {
@@ -15,10 +13,7 @@ namespace {
 template <int MR, int NB>
 inline void f32_rows(const BsrF32Args& g, int64_t m0, int64_t rb, const float* v0) {
   __m512 acc[MR][NB];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
+  zmm::zero(acc);
   const float* x = g.x + m0 * g.ldx;
   for (int32_t b = g.row_ptr[rb]; b < g.row_ptr[rb + 1]; ++b) {
     const int64_t k0 = int64_t(g.col_idx[b]) * g.bk, kn = std::min(g.bk, g.K - k0);
@@ -36,29 +31,12 @@ inline void f32_rows(const BsrF32Args& g, int64_t m0, int64_t rb, const float* v
       }
     }
   }
-  alignas(64) float tmp[MR * 64];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) _mm512_store_ps(tmp + r * 64 + 16 * j, acc[r][j]);
-  detail::bsr_f32_store(g, m0, MR, rb * g.bn, tmp, 64);
-}
-
-// Leftover rows (M % MR) go through one call of the matching height: with single rows
-// the block row's values would stream once per row (M = 16 at bn 64: 6 + 6 + 4, not
-// 6 + 6 + 1 + 1 + 1 + 1).
-template <int NB, int R>
-inline void f32_tail(const BsrF32Args& g, int64_t m, int64_t rows, int64_t rb, const float* v0) {
-  if constexpr (R > 0) {
-    if (rows == R) return f32_rows<R, NB>(g, m, rb, v0);
-    f32_tail<NB, R - 1>(g, m, rows, rb, v0);
-  }
+  zmm::store_rows(g, m0, rb, acc);
 }
 
 template <int NB, int MR>
 void f32_block_row(const BsrF32Args& g, int64_t rb, const float* v0, int64_t m = 0) {
-  for (; m + MR <= g.M; m += MR) f32_rows<MR, NB>(g, m, rb, v0);
-  if (m < g.M) f32_tail<NB, MR - 1>(g, m, g.M - m, rb, v0);
+  detail::for_steps<MR>(m, g.M, [&](auto rows, int64_t m0) { f32_rows<rows.value, NB>(g, m0, rb, v0); });
 }
 
 // 24 accumulators of the 32 zmm: 6 rows x 4 (bn 64), 12 x 2 (bn 32), 12 x 1 (bn 16).
@@ -77,10 +55,7 @@ template <int MR, int NB, bool STORE = false>
 inline void bf16w_rows(const BsrBf16Args& b, int64_t m0, int64_t rb, float* wide = nullptr) {
   const BsrF32Args& g = b.f;
   __m512 acc[MR][NB];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
+  zmm::zero(acc);
   const __m512i hi = _mm512_set1_epi32(int32_t(0xFFFF0000u));
   const uint16_t* x = b.x + m0 * b.ldxb;
   for (int32_t blk = g.row_ptr[rb]; blk < g.row_ptr[rb + 1]; ++blk) {
@@ -115,20 +90,7 @@ inline void bf16w_rows(const BsrBf16Args& b, int64_t m0, int64_t rb, float* wide
       }
     }
   }
-  alignas(64) float tmp[MR * 64];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) _mm512_store_ps(tmp + r * 64 + 16 * j, acc[r][j]);
-  detail::bsr_f32_store(g, m0, MR, rb * g.bn, tmp, 64);
-}
-
-template <int NB, int R>
-inline void bf16w_tail(const BsrBf16Args& b, int64_t m, int64_t rows, int64_t rb) {
-  if constexpr (R > 0) {
-    if (rows == R) return bf16w_rows<R, NB>(b, m, rb);
-    bf16w_tail<NB, R - 1>(b, m, rows, rb);
-  }
+  zmm::store_rows(g, m0, rb, acc);
 }
 
 // From kBf16WidenOnceRows rows on, the first MR rows widen in registers and store the fp32
@@ -140,27 +102,20 @@ void bf16w_block_row(const BsrBf16Args& b, int64_t rb) {
   if (b.f.x && b.f.M > MR) {
     float* wide = detail::widen_scratch(b, rb);
     bf16w_rows<MR, NB, true>(b, 0, rb, wide);
-    if (b.f.bn == 64) f32_block_row<4, 6>(b.f, rb, wide, MR);
-    else if (b.f.bn == 32) f32_block_row<2, 12>(b.f, rb, wide, MR);
-    else f32_block_row<1, 12>(b.f, rb, wide, MR);
+    f32_any_block_row(b.f, rb, wide, MR);
     return;
   }
-  int64_t m = 0;
-  for (; m + MR <= b.f.M; m += MR) bf16w_rows<MR, NB>(b, m, rb);
-  if (m < b.f.M) bf16w_tail<NB, MR - 1>(b, m, b.f.M - m, rb);
+  detail::for_steps<MR>(0, b.f.M, [&](auto rows, int64_t m0) { bf16w_rows<rows.value, NB>(b, m0, rb); });
 }
 
 // Gradient of the stored blocks: KR rows of one block's k x NB zmm of its outputs stay in
 // registers while m runs over the whole batch; per m, NB loads of the output gradient's row
-// slice (masked at the layer's last columns) and KR broadcasts of x feed KR x NB FMAs, the
+// slice (zero padded past the layer's last column) and KR broadcasts of x feed KR x NB FMAs, the
 // forward kernel's shape with the roles of x and the weights swapped.
 template <int KR, int NB>
 inline void grad_rows(int64_t M, const float* x, int64_t ldx, const float* g, int64_t bn, float* ob) {
   __m512 acc[KR][NB];
-#pragma GCC unroll 16
-  for (int r = 0; r < KR; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
+  zmm::zero(acc);
   for (int64_t m = 0; m < M; ++m, x += ldx, g += bn) {
     __m512 gv[NB];
 #pragma GCC unroll 4
@@ -176,14 +131,6 @@ inline void grad_rows(int64_t M, const float* x, int64_t ldx, const float* g, in
   for (int r = 0; r < KR; ++r)
 #pragma GCC unroll 4
     for (int j = 0; j < NB; ++j) _mm512_storeu_ps(ob + r * bn + 16 * j, acc[r][j]);
-}
-
-template <int NB, int R>
-inline void grad_tail(int64_t M, int64_t rows, const float* x, int64_t ldx, const float* g, int64_t bn, float* ob) {
-  if constexpr (R > 0) {
-    if (rows == R) return grad_rows<R, NB>(M, x, ldx, g, bn, ob);
-    grad_tail<NB, R - 1>(M, rows, x, ldx, g, bn, ob);
-  }
 }
 
 // 64-byte aligned thread scratch of n floats (vector storage is only 16-byte aligned).
@@ -212,9 +159,9 @@ void grad_block_row(const BsrGradArgs& a, int64_t rb) {
     float* ob = a.out + int64_t(b) * a.bk * a.bn;
     if (kn < a.bk) std::fill(ob + kn * a.bn, ob + a.bk * a.bn, 0.f);  // padding inputs
     for (int64_t m = 0; m < a.M; ++m) std::memcpy(xs + m * bkp, a.x + m * a.ldx + k0, sizeof(float) * kn);
-    int64_t k = 0;
-    for (; k + KR <= kn; k += KR) grad_rows<KR, NB>(a.M, xs + k, bkp, gs, a.bn, ob + k * a.bn);
-    if (k < kn) grad_tail<NB, KR - 1>(a.M, kn - k, xs + k, bkp, gs, a.bn, ob + k * a.bn);
+    detail::for_steps<KR>(0, kn, [&](auto rows, int64_t k) {
+      grad_rows<rows.value, NB>(a.M, xs + k, bkp, gs, a.bn, ob + k * a.bn);
+    });
   }
 }
 

@@ -2,11 +2,9 @@
 // bf16 weights in each 32-bit lane and adds both products to an fp32 accumulator, so one
 // instruction does the work of two fp32 FMAs (the blocks' [bk/2][bn][2] order is its
 // operand order). Own translation unit: only this file is built with -mavx512bf16.
-#include <immintrin.h>
-
 #include <chrono>
 
-#include "bsr_linear_impl.h"
+#include "bsr_linear_zmm.h"
 
 namespace pysparse {
 namespace cpu {
@@ -19,10 +17,7 @@ template <int MR, int NB>
 inline void dp_rows(const BsrBf16Args& b, int64_t m0, int64_t rb) {
   const BsrF32Args& g = b.f;
   __m512 acc[MR][NB];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
+  zmm::zero(acc);
   const uint16_t* x = b.x + m0 * b.ldxb;
   for (int32_t blk = g.row_ptr[rb]; blk < g.row_ptr[rb + 1]; ++blk) {
     const int64_t k0 = int64_t(g.col_idx[blk]) * g.bk, kp = (std::min(g.bk, g.K - k0) + 1) / 2;
@@ -42,27 +37,12 @@ inline void dp_rows(const BsrBf16Args& b, int64_t m0, int64_t rb) {
       }
     }
   }
-  alignas(64) float tmp[MR * 64];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) _mm512_store_ps(tmp + r * 64 + 16 * j, acc[r][j]);
-  detail::bsr_f32_store(g, m0, MR, rb * g.bn, tmp, 64);
-}
-
-template <int NB, int R>
-inline void dp_tail(const BsrBf16Args& b, int64_t m, int64_t rows, int64_t rb) {
-  if constexpr (R > 0) {
-    if (rows == R) return dp_rows<R, NB>(b, m, rb);
-    dp_tail<NB, R - 1>(b, m, rows, rb);
-  }
+  zmm::store_rows(g, m0, rb, acc);
 }
 
 template <int NB, int MR>
 void dp_block_row(const BsrBf16Args& b, int64_t rb) {
-  int64_t m = 0;
-  for (; m + MR <= b.f.M; m += MR) dp_rows<MR, NB>(b, m, rb);
-  if (m < b.f.M) dp_tail<NB, MR - 1>(b, m, b.f.M - m, rb);
+  detail::for_steps<MR>(0, b.f.M, [&](auto rows, int64_t m0) { dp_rows<rows.value, NB>(b, m0, rb); });
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 // Shared pieces of the block-sparse kernels (internal linkage; see int8_linear_impl.h).
 #pragma once
+#include <type_traits>
 #include <vector>
 
 #include "bsr_linear.h"
@@ -14,6 +15,24 @@ namespace detail {
 // epilogue loops below vectorize (a scalar epilogue cost as much as the whole int8
 // block-sparse GEMM at density 0.1: 64 outputs x M per block row).
 inline float relu_keep_nan(float v) { return v < 0.f ? 0.f : v; }
+
+template <int R, class F>
+inline void step_tail(int64_t left, int64_t i, F& f) {
+  if constexpr (R > 0) {
+    if (left == R) return f(std::integral_constant<int, R>{}, i);
+    step_tail<R - 1>(left, i, f);
+  }
+}
+
+// Calls f(std::integral_constant<int, R>{}, i) over [i, n) in steps of MAX, the leftover as
+// one step of its own height: the micro-kernels are templates on their row count, and with
+// single leftover rows a block row's values would stream once per row (M = 16 at 6 rows:
+// 6 + 6 + 4, not 6 + 6 + 1 + 1 + 1 + 1).
+template <int MAX, class F>
+inline void for_steps(int64_t i, int64_t n, F&& f) {
+  for (; i + MAX <= n; i += MAX) f(std::integral_constant<int, MAX>{}, i);
+  if (i < n) step_tail<MAX - 1>(n - i, i, f);
+}
 
 // Epilogue of one block row for rows [m0, m0 + rows): bias, ReLU, store.
 inline void bsr_f32_store(const BsrF32Args& g, int64_t m0, int64_t rows, int64_t n0, const float* acc,
