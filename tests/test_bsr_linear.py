@@ -138,14 +138,22 @@ def test_gradients_match_masked_dense(isa, block, M, N, K):
     torch.testing.assert_close(gw, lin.weight.grad * mask, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("block", [(16, 16), (32, 64), (64, 32), (64, 7)])
-@pytest.mark.parametrize("M,N,K", [(1, 100, 130), (0, 64, 64), (13, 70, 33), (40, 130, 300)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bsr_grad_values_kernel_matches_float64(isa, block, M, N, K, dtype):
-    if dtype == torch.bfloat16 and block[1] % 2:
-        pytest.skip("bf16 blocks need an even bk")
+# The backward ops on odd shapes, fp32 and bf16 blocks. bk 7: not a kernel width, so the
+# input gradient goes through the addmm fallback (and bf16 blocks, which need an even bk, skip).
+GRAD_CASES = pytest.mark.parametrize("block,M,N,K,dtype", [
+    (blk, M, N, K, dt) for blk in [(16, 16), (32, 64), (64, 32), (64, 7)]
+    for M, N, K in [(1, 100, 130), (0, 64, 64), (13, 70, 33), (40, 130, 300)]
+    for dt in [torch.float32, torch.bfloat16] if not (dt == torch.bfloat16 and blk[1] % 2)])
+
+
+def _packed(block, N, K, dtype):
     w = pruned_weight(N, K, *block, 0.4, zero_rows=True)
-    vals, lay = (formats.pack_bsr_bf16 if dtype == torch.bfloat16 else formats.pack_bsr_f32)(w, *block)
+    return (w, *(formats.pack_bsr_bf16 if dtype == torch.bfloat16 else formats.pack_bsr_f32)(w, *block))
+
+
+@GRAD_CASES
+def test_bsr_grad_values_kernel_matches_float64(isa, block, M, N, K, dtype):
+    w, vals, lay = _packed(block, N, K, dtype)
     g, x = torch.randn(M, N), torch.randn(M, K)
     gv = torch.ops.pysparse.bsr_linear_grad_values(g, x, vals, lay.row_ptr, lay.col_idx, N, K)
     assert gv.dtype == vals.dtype and gv.shape == vals.shape
@@ -163,15 +171,9 @@ def test_bsr_grad_values_kernel_matches_float64(isa, block, M, N, K, dtype):
                                              -(-K // block[1]) * block[1])[N:].abs().sum(), torch.tensor(0.))
 
 
-# bk 7: not a kernel width, so W^T's blocks go through the addmm fallback
-@pytest.mark.parametrize("block", [(16, 16), (32, 64), (64, 32), (64, 7)])
-@pytest.mark.parametrize("M,N,K", [(1, 100, 130), (0, 64, 64), (13, 70, 33), (40, 130, 300)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@GRAD_CASES
 def test_bsr_grad_x_kernel_matches_float64(isa, block, M, N, K, dtype):
-    if dtype == torch.bfloat16 and block[1] % 2:
-        pytest.skip("bf16 blocks need an even bk")
-    w = pruned_weight(N, K, *block, 0.4, zero_rows=True)
-    vals, lay = (formats.pack_bsr_bf16 if dtype == torch.bfloat16 else formats.pack_bsr_f32)(w, *block)
+    w, vals, lay = _packed(block, N, K, dtype)
     g = torch.randn(M, N)
     gx = torch.ops.pysparse.bsr_linear_grad_x(g, vals, lay.row_ptr, lay.col_idx, N, K)
     assert gx.dtype == torch.float32 and gx.shape == (M, K)
