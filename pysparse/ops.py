@@ -9,6 +9,7 @@ Callers use ``torch.ops.pysparse.<op>``; the thin functions below only add type 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -206,13 +207,14 @@ def _bsr_backward(ctx, grad):
     x, values, row_ptr, col_idx, out = ctx.saved_tensors
     if ctx.relu:
         grad = grad * (out > 0).to(grad.dtype)
-    g2 = grad.reshape(-1, ctx.N).float()
+    M = math.prod(x.shape[:-1])  # not -1: a layer with N = 0 or K = 0 has empty rows
+    g2 = grad.reshape(M, ctx.N).float()
     gx = gv = gb = None
     if ctx.needs_input_grad[0]:
         gx = torch.ops.pysparse.bsr_linear_grad_x(g2, values, row_ptr, col_idx, ctx.N, ctx.K)
         gx = gx.to(x.dtype).reshape(x.shape)
     if ctx.needs_input_grad[1]:
-        x2 = x.reshape(-1, ctx.K)
+        x2 = x.reshape(M, ctx.K)
         if values.dtype == torch.bfloat16:  # the forward multiplied x rounded to bf16
             x2 = x2.to(torch.bfloat16)
         gv = torch.ops.pysparse.bsr_linear_grad_values(g2, x2, values, row_ptr, col_idx, ctx.N, ctx.K)

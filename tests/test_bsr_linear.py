@@ -256,6 +256,67 @@ def test_bf16_layer_kept_dense_takes_float32_input():
                                                        lin.bias.bfloat16()).float())
 
 
+def test_bf16_padding_is_never_read_and_rows_do_not_depend_on_the_batch(isa, bf16_dot):
+    # K odd: the last input pair's second weight is padding (row K). Poisoned with inf it
+    # must not reach the output (0 * inf would be NaN).
+    N, K = 70, 33
+    w = pruned_weight(N, K, 64, 4, 0.6)
+    vals, lay = formats.pack_bsr_bf16(w, 64, 4)
+    last = (lay.col_idx == (K - 1) // 4).nonzero().flatten()
+    assert last.numel() > 0
+    vals[last, 0, :, 1] = float("inf")  # block column 8 holds input 32 only: pair 0, second lane
+    x = torch.randn(16, K)
+    y = ops.bsr_linear(x, vals, lay.row_ptr, lay.col_idx, None, N, K)
+    assert torch.isfinite(y).all()
+    # a row's result is the same bits whether it runs alone or in a batch of 16
+    rows = torch.cat([ops.bsr_linear(x[i:i + 1], vals, lay.row_ptr, lay.col_idx, None, N, K) for i in range(16)])
+    assert torch.equal(y, rows)
+
+
+def test_bsr_layouts_in_state_dicts():
+    N, K = 130, 96
+    w = pruned_weight(N, K, 64, 32, 0.5)
+    lin = _lin(w)
+    f32 = BlockSparseLinear.from_dense(lin, dispatch="sparse")
+    b16 = BlockSparseLinear.from_dense(lin, dtype=torch.bfloat16, dispatch="sparse")
+    sd = b16.state_dict()
+    assert sd["values"].shape == f32.values.shape  # files hold k-major blocks, whatever the device
+    other = BlockSparseLinear.from_dense(_lin(pruned_weight(N, K, 64, 32, 0.5)), dtype=torch.bfloat16,
+                                         dispatch="sparse")
+    other.load_state_dict(f32.state_dict())  # fp32 file into a bf16 layer: rounded, re-laid out
+    x = torch.randn(5, K)
+    assert other.values.dim() == 4 and torch.equal(other(x), b16(x))
+    g = BlockSparseLinear.from_dense(_lin(pruned_weight(N, K, 64, 32, 0.5)), dispatch="sparse")
+    g.load_state_dict(sd)  # bf16 file into an fp32 layer: widened exactly
+    assert g.values.dtype == torch.float32 and g.values.dim() == 3
+    torch.testing.assert_close(g.dense_weight(), b16.dense_weight())
+    assert b16.dense_weight().dtype == torch.float32
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # nn.Linear(0, 64) says so
+@pytest.mark.parametrize("N,K", [(0, 64), (64, 0)])
+def test_bsr_backward_empty_layer(N, K):
+    lin = nn.Linear(K, N)
+    s = BlockSparseLinear.from_dense(lin, dispatch="sparse")
+    x = torch.randn(3, K, requires_grad=True)
+    s(x).sum().backward()
+    assert x.grad.shape == (3, K) and not x.grad.any()
+
+
+def test_bsr_backward_ops_bad_input():
+    with pytest.raises(ValueError, match="bk >= 1"):
+        torch.ops.pysparse.bsr_linear_grad_values(torch.randn(2, 16), torch.randn(2, 8), torch.empty(0, 0, 16),
+                                                  torch.zeros(2, dtype=torch.int32), torch.empty(0, dtype=torch.int32),
+                                                  16, 8)
+    w = pruned_weight(64, 64, 64, 32, 0.5)
+    v, lay = formats.pack_bsr_f32(w, 64, 32)
+    with pytest.raises(ValueError, match="rows"):
+        torch.ops.pysparse.bsr_linear_grad_values(torch.randn(3, 64), torch.randn(2, 64), v, lay.row_ptr,
+                                                  lay.col_idx, 64, 64)
+    with pytest.raises(ValueError, match="grad must be"):
+        torch.ops.pysparse.bsr_linear_grad_x(torch.randn(3, 63), v, lay.row_ptr, lay.col_idx, 64, 64)
+
+
 def test_bf16_env_bad_value(monkeypatch):
     monkeypatch.setenv("PYSPARSE_CPU_BF16", "yes")
     w = pruned_weight(64, 64, 64, 32, 0.5)

@@ -36,15 +36,17 @@ void bsr_f32_avx512(const BsrF32Args& g, int64_t r0, int64_t r1);
 // round. The accumulators, bias, ReLU and output are fp32 (f.values is unused).
 struct BsrBf16Args {
   BsrF32Args f;            // f.x: x as fp32 (the bf16 values widened) or nullptr, see below
-  const uint16_t* x;       // bf16 [M][ldxb]
+  const uint16_t* x;       // bf16 [M][ldxb] (any ldxb: pairs are read with memcpy)
   int64_t ldxb;
   const uint16_t* values;  // bf16 [nnzb][bk/2][bn][2]
 };
-// From this many rows on, the widening paths widen each block row once into an fp32
-// scratch and run the fp32 kernel over it (f.x must then be set): widening in registers
-// costs 2 ALU ops per 16 weights per row group on the FMA ports (1.3x slower than fp32 at
-// M = 128, density 0.1), once per block row it is noise. Below it the bf16 blocks stream
-// from memory at half the fp32 bytes (M = 1: 2x faster than fp32).
+// From this many rows on, the widening paths run most rows with the fp32 kernel on weights
+// widened once per block row (f.x must then be set; the AVX-512 unit widens in the first
+// row group's registers, so it starts past one row group, 4 to 12 rows; the AVX2 unit
+// widens in a separate pass): widening in registers costs 2 ALU ops per 16 weights per
+// row group on the FMA ports (1.3x slower than fp32 at M = 128, density 0.1), once per
+// block row it is noise. Below it the bf16 blocks stream from memory at half the fp32
+// bytes (M = 1: 2x faster than fp32).
 constexpr int64_t kBf16WidenOnceRows = 8;
 void bsr_bf16_scalar(const BsrBf16Args& g, int64_t r0, int64_t r1);
 void bsr_bf16_avx2(const BsrBf16Args& g, int64_t r0, int64_t r1);

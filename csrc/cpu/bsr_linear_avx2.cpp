@@ -62,15 +62,17 @@ inline void bf16w_rows(const BsrBf16Args& b, int64_t m0, int64_t n0, int64_t rb,
   const __m256i hi = _mm256_set1_epi32(int32_t(0xFFFF0000u));
   const uint16_t* x = b.x + m0 * b.ldxb;
   for (int32_t blk = g.row_ptr[rb]; blk < g.row_ptr[rb + 1]; ++blk) {
-    const int64_t k0 = int64_t(g.col_idx[blk]) * g.bk, kp = (std::min(g.bk, g.K - k0) + 1) / 2;
+    const int64_t k0 = int64_t(g.col_idx[blk]) * g.bk, kn = std::min(g.bk, g.K - k0), kp = (kn + 1) / 2;
     const uint16_t* v = b.values + int64_t(blk) * g.bk * g.bn + 2 * jb;
     const uint16_t* xk = x + k0;
     for (int64_t p = 0; p < kp; ++p, v += 2 * g.bn, xk += 2) {
+      // K odd: the last pair's second weight is padding (row K) and is never read
+      const __m256i odd = (kn & 1) && p + 1 == kp ? _mm256_setzero_si256() : hi;
       __m256 we[2], wo[2];
       for (int j = 0; j < 2; ++j) {
         const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 16 * j));
         we[j] = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
-        wo[j] = _mm256_castsi256_ps(_mm256_and_si256(raw, hi));
+        wo[j] = _mm256_castsi256_ps(_mm256_and_si256(raw, odd));
       }
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
@@ -79,9 +81,9 @@ inline void bf16w_rows(const BsrBf16Args& b, int64_t m0, int64_t n0, int64_t rb,
         const __m256i xp = _mm256_set1_epi32(int32_t(pair));
         const __m256 xe = _mm256_castsi256_ps(_mm256_slli_epi32(xp, 16));
         const __m256 xo = _mm256_castsi256_ps(_mm256_and_si256(xp, hi));
-        for (int j = 0; j < 2; ++j) {
-          acc[r][j] = _mm256_fmadd_ps(xo, wo[j], acc[r][j]);
+        for (int j = 0; j < 2; ++j) {  // k ascending, as the fp32 kernel (see the AVX-512 unit)
           acc[r][j] = _mm256_fmadd_ps(xe, we[j], acc[r][j]);
+          acc[r][j] = _mm256_fmadd_ps(xo, wo[j], acc[r][j]);
         }
       }
     }

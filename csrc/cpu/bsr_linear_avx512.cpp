@@ -59,17 +59,19 @@ inline void bf16w_rows(const BsrBf16Args& b, int64_t m0, int64_t rb, float* wide
   const __m512i hi = _mm512_set1_epi32(int32_t(0xFFFF0000u));
   const uint16_t* x = b.x + m0 * b.ldxb;
   for (int32_t blk = g.row_ptr[rb]; blk < g.row_ptr[rb + 1]; ++blk) {
-    const int64_t k0 = int64_t(g.col_idx[blk]) * g.bk, kp = (std::min(g.bk, g.K - k0) + 1) / 2;
+    const int64_t k0 = int64_t(g.col_idx[blk]) * g.bk, kn = std::min(g.bk, g.K - k0), kp = (kn + 1) / 2;
     const uint16_t* v = b.values + int64_t(blk) * g.bk * g.bn;
     const uint16_t* xk = x + k0;
     float* wd = STORE ? wide + int64_t(blk - g.row_ptr[rb]) * g.bk * g.bn : nullptr;
     for (int64_t p = 0; p < kp; ++p, v += 2 * g.bn, xk += 2) {
+      // K odd: the last pair's second weight is padding (row K) and is never read
+      const __m512i odd = (kn & 1) && p + 1 == kp ? _mm512_setzero_si512() : hi;
       __m512 we[NB], wo[NB];
 #pragma GCC unroll 4
       for (int j = 0; j < NB; ++j) {
         const __m512i raw = _mm512_loadu_si512(v + 32 * j);
         we[j] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
-        wo[j] = _mm512_castsi512_ps(_mm512_and_si512(raw, hi));
+        wo[j] = _mm512_castsi512_ps(_mm512_and_si512(raw, odd));
         if constexpr (STORE) {
           _mm512_storeu_ps(wd + 2 * p * g.bn + 16 * j, we[j]);
           _mm512_storeu_ps(wd + (2 * p + 1) * g.bn + 16 * j, wo[j]);
@@ -82,10 +84,12 @@ inline void bf16w_rows(const BsrBf16Args& b, int64_t m0, int64_t rb, float* wide
         const __m512i xp = _mm512_set1_epi32(int32_t(pair));
         const __m512 xe = _mm512_castsi512_ps(_mm512_slli_epi32(xp, 16));
         const __m512 xo = _mm512_castsi512_ps(_mm512_and_si512(xp, hi));
+        // k ascending, as the fp32 kernel the widen-once path runs the other rows with: a
+        // row's result does not depend on the batch it came in
 #pragma GCC unroll 4
         for (int j = 0; j < NB; ++j) {
-          acc[r][j] = _mm512_fmadd_ps(xo, wo[j], acc[r][j]);
           acc[r][j] = _mm512_fmadd_ps(xe, we[j], acc[r][j]);
+          acc[r][j] = _mm512_fmadd_ps(xo, wo[j], acc[r][j]);
         }
       }
     }

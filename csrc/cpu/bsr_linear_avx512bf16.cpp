@@ -20,13 +20,16 @@ inline void dp_rows(const BsrBf16Args& b, int64_t m0, int64_t rb) {
   zmm::zero(acc);
   const uint16_t* x = b.x + m0 * b.ldxb;
   for (int32_t blk = g.row_ptr[rb]; blk < g.row_ptr[rb + 1]; ++blk) {
-    const int64_t k0 = int64_t(g.col_idx[blk]) * g.bk, kp = (std::min(g.bk, g.K - k0) + 1) / 2;
+    const int64_t k0 = int64_t(g.col_idx[blk]) * g.bk, kn = std::min(g.bk, g.K - k0), kp = (kn + 1) / 2;
     const uint16_t* v = b.values + int64_t(blk) * g.bk * g.bn;
     const uint16_t* xk = x + k0;
+    const __m512i all = _mm512_set1_epi32(-1), even = _mm512_set1_epi32(0xFFFF);
     for (int64_t p = 0; p < kp; ++p, v += 2 * g.bn, xk += 2) {
+      // K odd: the last pair's second weight is padding (row K) and is never read
+      const __m512i keep = (kn & 1) && p + 1 == kp ? even : all;
       __m512bh w[NB];
 #pragma GCC unroll 4
-      for (int j = 0; j < NB; ++j) w[j] = (__m512bh)_mm512_loadu_si512(v + 32 * j);
+      for (int j = 0; j < NB; ++j) w[j] = (__m512bh)_mm512_and_si512(_mm512_loadu_si512(v + 32 * j), keep);
 #pragma GCC unroll 16
       for (int r = 0; r < MR; ++r) {
         uint32_t pair;

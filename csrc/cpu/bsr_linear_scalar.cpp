@@ -31,15 +31,12 @@ void bsr_bf16_scalar(const BsrBf16Args& b, int64_t r0, int64_t r1) {
       const uint16_t* x = b.x + m * b.ldxb;
       for (int64_t j = 0; j < g.bn; ++j) acc[j] = 0.f;
       for (int32_t blk = g.row_ptr[rb]; blk < g.row_ptr[rb + 1]; ++blk) {
-        const int64_t k0 = int64_t(g.col_idx[blk]) * g.bk, kp = (std::min(g.bk, g.K - k0) + 1) / 2;
+        const int64_t k0 = int64_t(g.col_idx[blk]) * g.bk, kn = std::min(g.bk, g.K - k0);
         const uint16_t* v = b.values + int64_t(blk) * g.bk * g.bn;
-        for (int64_t p = 0; p < kp; ++p) {
-          // the pair's odd element first, as VDPBF16PS adds them
-          const float x0 = detail::bf16_to_f32(x[k0 + 2 * p]), x1 = detail::bf16_to_f32(x[k0 + 2 * p + 1]);
-          for (int64_t j = 0; j < g.bn; ++j) {
-            acc[j] += x1 * detail::bf16_to_f32(v[(p * g.bn + j) * 2 + 1]);
-            acc[j] += x0 * detail::bf16_to_f32(v[(p * g.bn + j) * 2]);
-          }
+        for (int64_t k = 0; k < kn; ++k) {  // k ascending; row K (padding) is never read
+          const float xv = detail::bf16_to_f32(x[k0 + k]);
+          const uint16_t* vk = v + (k / 2) * g.bn * 2 + (k % 2);
+          for (int64_t j = 0; j < g.bn; ++j) acc[j] += xv * detail::bf16_to_f32(vk[2 * j]);
         }
       }
       detail::bsr_f32_store(g, m, 1, n0, acc, g.bn);

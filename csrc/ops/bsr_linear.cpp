@@ -35,6 +35,13 @@ void parallel_rows(const int32_t* row_ptr, int64_t R, int64_t bk, int64_t bn, F&
   });
 }
 
+// Rows of t viewed as [rows, last dim] (from the leading dims: right when the last is 0).
+int64_t rows_of(const Tensor& t) {
+  int64_t m = 1;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) m *= t.size(i);
+  return m;
+}
+
 void check_bsr(const Tensor& row_ptr, const Tensor& col_idx, int64_t nnzb, int64_t R, int64_t KB,
                const char* op) {
   TORCH_CHECK_VALUE(row_ptr.scalar_type() == at::kInt && row_ptr.dim() == 1 && row_ptr.is_contiguous() &&
@@ -138,7 +145,7 @@ Tensor bsr_linear_grad_x(const Tensor& grad, const Tensor& values, const Tensor&
   check_bsr(row_ptr, col_idx, nnzb, R, KB, "bsr_linear_grad_x");
   TORCH_CHECK_VALUE(grad.device().is_cpu() && grad.dim() >= 1 && grad.size(-1) == N,
                     "bsr_linear_grad_x: grad must be a CPU tensor [..., ", N, "], got ", grad.sizes());
-  const int64_t M = N ? grad.numel() / N : 0;
+  const int64_t M = rows_of(grad);
   Tensor g2 = grad.reshape({M, N}).to(at::kFloat);
   if (g2.stride(1) != 1 && N > 0) g2 = g2.contiguous();
   if (M == 0 || nnzb == 0) return at::zeros({M, K}, grad.options().dtype(at::kFloat));
@@ -192,15 +199,16 @@ Tensor bsr_linear_grad_values(const Tensor& grad, const Tensor& x, const Tensor&
   const int64_t nnzb = values.size(0), bk = bf16 ? 2 * values.size(1) : values.size(1), bn = values.size(2);
   TORCH_CHECK_VALUE(bn == 16 || bn == 32 || bn == 64, "bsr_linear_grad_values: block bn must be 16, 32 or 64, got ",
                     bn);
+  TORCH_CHECK_VALUE(bk >= 1 && N >= 0 && K >= 0, "bsr_linear_grad_values: bk >= 1, N >= 0, K >= 0 required, got bk=",
+                    bk, ", N=", N, ", K=", K);
   const int64_t R = (N + bn - 1) / bn, KB = (K + bk - 1) / bk;
   check_bsr(row_ptr, col_idx, nnzb, R, KB, "bsr_linear_grad_values");
   ops::check_x(x, K, "bsr_linear_grad_values");
-  TORCH_CHECK_VALUE(grad.device().is_cpu() && grad.dim() >= 1 && grad.size(-1) == N &&
-                        grad.numel() / std::max<int64_t>(N, 1) == x.numel() / std::max<int64_t>(K, 1),
+  const int64_t M = rows_of(x);
+  TORCH_CHECK_VALUE(grad.device().is_cpu() && grad.dim() >= 1 && grad.size(-1) == N && rows_of(grad) == M,
                     "bsr_linear_grad_values: grad must be a CPU tensor [..., ", N, "] with x's rows, got ",
                     grad.sizes(), " for x ", x.sizes());
   Tensor out = at::zeros({nnzb, bk, bn}, values.options().dtype(at::kFloat));
-  const int64_t M = K ? x.numel() / K : (N ? grad.numel() / N : 0);
   if (nnzb > 0 && M > 0) {
     Tensor x2 = x.reshape({M, K});
     x2 = bf16 ? x2.to(at::kBFloat16).to(at::kFloat) : x2.to(at::kFloat);  // what the forward multiplied

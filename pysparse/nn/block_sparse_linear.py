@@ -192,7 +192,7 @@ class BlockSparseLinear(nn.Module):
             return w.float()
         if self.format == "bsr":
             return ops._bsr_dense_weight(self.values.detach(), self.row_ptr, self.col_idx, self.out_features,
-                                         self.in_features)
+                                         self.in_features).float()
         dense = torch.zeros(self.out_features, self.in_features)
         R = self.row_ptr.numel() - 1
         rows = torch.repeat_interleave(torch.arange(R), (self.row_ptr[1:] - self.row_ptr[:-1]).long().cpu())
@@ -257,21 +257,32 @@ class BlockSparseLinear(nn.Module):
                     setattr(self, name, getattr(self, name).float())
         elif self.format == "bsr":
             self.values.data = self._values_for(self.values.data, now_cuda)
+            if self.values.grad is not None:  # an accumulated gradient follows the layout
+                self.values.grad = self._values_for(self.values.grad, now_cuda).to(self.values.dtype)
         return self
 
     def _values_for(self, v: torch.Tensor, cuda: bool) -> torch.Tensor:
-        """Float blocks in the layout of the CPU (cuda=False) or GPU kernel."""
+        """Float blocks (either layout, any float dtype) in the layout of the CPU (cuda=False)
+        or GPU kernel: k-major [nnzb, bk, bn] everywhere but bf16 on the CPU (input pairs)."""
+        if v.dim() == 4:
+            v = formats.bf16_pairs_to_kmajor(v)
         if cuda:
-            return formats.bf16_pairs_to_kmajor(v) if v.dim() == 4 else v
-        if v.dim() == 3 and v.dtype == torch.bfloat16 and self.block[1] % 2 == 0:
+            return v
+        if v.dtype == torch.bfloat16 and self.block[1] % 2 == 0:
             return formats.kmajor_to_bf16_pairs(v)
         # float16 (or odd-bk bf16) blocks have no CPU kernel: widen them to fp32, exactly
-        return v.float() if v.dim() == 3 and v.dtype != torch.float32 else v
+        return v.float()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.format == "bsr-int8" and self.values.is_cuda:  # saved files hold one layout
+        # Saved files hold one layout per format, whatever the device: int8 blocks in the CPU
+        # kernels' order, float blocks k-major [nnzb, bk, bn] (in their dtype).
+        if self.dense is not None:
+            return
+        if self.format == "bsr-int8" and self.values.is_cuda:
             destination[prefix + "values"] = formats.int8_blocks_to_cpu(self.values.detach())
+        elif self.format == "bsr" and self.values.dim() == 4:
+            destination[prefix + "values"] = formats.bf16_pairs_to_kmajor(self.values.detach())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The number of stored blocks is data: take the saved tensors' shapes as they are.
@@ -288,6 +299,7 @@ class BlockSparseLinear(nn.Module):
                     cur.data = new.clone()  # the same Parameter: an optimizer keeps tracking it
                 else:
                     setattr(self, name, new.clone())
+                state_dict[key] = new  # what the copy below checks and copies: the converted tensor
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.dense is None and hasattr(self, "col_idx"):
             R, KB = self.row_ptr.numel() - 1, -(-self.in_features // self.block[1])
