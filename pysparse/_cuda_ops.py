@@ -180,7 +180,8 @@ def int8_pack_cuda(w: torch.Tensor, group_size: int = 0) -> tuple[torch.Tensor, 
         G, gk = Kp // group_size, group_size
         packed = torch.zeros((N, Kp), dtype=torch.int8, device=w.device)
         packed[:, :K] = w
-    colsum = torch.zeros((G, Np), dtype=torch.int32, device=w.device)
+    # padding columns marked as on the CPU (csrc/ops/common.h kColsumPad), so colsum is the same
+    colsum = torch.full((G, Np), torch.iinfo(torch.int32).min, dtype=torch.int32, device=w.device)
     if N and Kp:
         colsum[:, :N] = packed.view(N, G, gk).sum(dim=2, dtype=torch.int32).T
     return packed, colsum

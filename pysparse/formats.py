@@ -20,7 +20,9 @@ import torch
 
 from .reference import quantize_weight
 
-INT8_BLOCK = (64, 64)  # csrc/cpu/bsr_linear.h kBsrI8Block: one 64-column VNNI chunk x one AMX K tile
+INT8_BLOCK = (64, 64)
+# colsum's padding columns hold this (no real column sum can): the ops check N against it.
+COLSUM_PAD = torch.iinfo(torch.int32).min  # csrc/cpu/bsr_linear.h kBsrI8Block: one 64-column VNNI chunk x one AMX K tile
 
 
 @dataclass
@@ -142,7 +144,7 @@ def pack_bsr_int8(w: torch.Tensor, q: Optional[torch.Tensor] = None,
     # [n][k] -> [4 column blocks][16 k-groups][16 columns][4 k]
     values = qb.reshape(-1, 4, 16, 16, 4).permute(0, 1, 3, 2, 4).reshape(-1, bn * bk).contiguous()
     Np = -(-N // bn) * bn
-    colsum = torch.zeros(1, Np, dtype=torch.int32)
+    colsum = torch.full((1, Np), COLSUM_PAD, dtype=torch.int32)  # padding marks N (csrc/ops/common.h)
     colsum[0, :N] = q.sum(1, dtype=torch.int32)
     w_scale = torch.ones(1, Np)
     w_scale[0, :N] = scale[:, 0]

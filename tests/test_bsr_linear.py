@@ -317,6 +317,23 @@ def test_bsr_backward_ops_bad_input():
         torch.ops.pysparse.bsr_linear_grad_x(torch.randn(3, 63), v, lay.row_ptr, lay.col_idx, 64, 64)
 
 
+def test_bsr_int8_rejects_another_n_and_repairs_old_files():
+    w = pruned_weight(70, 130, 64, 64, 0.6)
+    p = formats.pack_bsr_int8(w)
+    with pytest.raises(ValueError, match="N=100 does not match the packed weight, which holds 70"):
+        ops.bsr_int8_linear(torch.randn(2, 130), p.values, p.layout.row_ptr, p.layout.col_idx, p.colsum,
+                            p.w_scale, None, None, 100, 130)
+    # a layer saved before the padding mark (zeros there) still loads and runs
+    s = BlockSparseLinear.from_dense(_lin(w), dtype=torch.int8, dispatch="sparse")
+    sd = s.state_dict()
+    sd["colsum"] = sd["colsum"].clone()
+    sd["colsum"][:, 70:] = 0
+    t = BlockSparseLinear.from_dense(_lin(w), dtype=torch.int8, dispatch="sparse")
+    t.load_state_dict(sd)
+    x = torch.randn(4, 130)
+    assert torch.equal(t(x), s(x))
+
+
 def test_bf16_env_bad_value(monkeypatch):
     monkeypatch.setenv("PYSPARSE_CPU_BF16", "yes")
     w = pruned_weight(64, 64, 64, 32, 0.5)

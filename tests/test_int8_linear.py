@@ -303,3 +303,18 @@ def test_state_dict_restores_static_and_smoothquant_into_a_plain_layer():
     assert torch.equal(dst(x), src(x))
     with pytest.raises(RuntimeError, match="bias"):
         Int8Linear(64, 8, bias=False).load_state_dict(Int8Linear.from_float(lin).state_dict())
+
+
+@pytest.mark.parametrize("N,wrong", [(70, 100), (100, 70), (64, 60), (60, 64)])
+def test_ops_reject_an_n_the_weight_was_not_packed_for(N, wrong):
+    # N and the wrong N round up to the same 64-column padding: only the colsum mark tells
+    K = 96
+    packed, colsum = torch.ops.pysparse.int8_pack(torch.randint(-128, 128, (N, K), dtype=torch.int8))
+    x = torch.randn(3, K)
+    ws = torch.ones(1, colsum.shape[1])
+    with pytest.raises(ValueError, match=f"N={wrong} does not match the packed weight, which holds {N}"):
+        torch.ops.pysparse.int8_linear(x, packed, colsum, ws, None, None, wrong, K)
+    with pytest.raises(ValueError, match="does not match the packed weight"):
+        torch.ops.pysparse.int8_mm(torch.zeros(2, K, dtype=torch.int8), packed, colsum, wrong, K)
+    with pytest.raises(ValueError, match="does not match the packed weight"):
+        torch.ops.pysparse.int8_unpack(packed, colsum, wrong, K)

@@ -246,6 +246,7 @@ Tensor bsr_int8_linear(const Tensor& x, const Tensor& values, const Tensor& row_
                           t->scalar_type() == (t == &colsum ? at::kInt : at::kFloat),
                       "bsr_int8_linear: ", name, " must be a contiguous [1, ", Np, "] ",
                       t == &colsum ? "int32" : "float32", " tensor, got ", t->scalar_type(), " ", t->sizes());
+  ops::check_packed_n(colsum, N, Np, "bsr_int8_linear");
   ops::check_x(x, K, "bsr_int8_linear");
   ops::check_bias(bias, N, "bsr_int8_linear");
   const auto dt = x.scalar_type();

@@ -67,6 +67,22 @@ inline void check_k(int64_t K, const char* op) {
                     "); split the layer along K");
 }
 
+// colsum's padding columns (n >= N, up to Np) hold this, a value no real column sum can
+// take (|sum| <= 128 * K <= 2^24): the packed layout rounds N up to 64, so without it a
+// weight packed for N = 70 would run silently as N = 100 (the extra outputs = bias).
+constexpr int32_t kColsumPad = INT32_MIN;
+
+// N must be the number of output channels the weight was packed with (colsum [G, Np]).
+inline void check_packed_n(const Tensor& colsum, int64_t N, int64_t Np, const char* op) {
+  const int32_t* cs = colsum.data_ptr<int32_t>();  // group 0
+  const bool ok = (N == 0 || cs[N - 1] != kColsumPad) && (N == Np || cs[N] == kColsumPad);
+  if (ok) return;
+  int64_t held = 0;
+  while (held < Np && cs[held] != kColsumPad) ++held;
+  TORCH_CHECK_VALUE(false, op, ": N=", N, " does not match the packed weight, which holds ", held,
+                    " output channels (was it packed for another layer?)");
+}
+
 inline cpu::InType in_type(at::ScalarType dt) {
   return dt == at::kFloat ? cpu::InType::F32 : dt == at::kBFloat16 ? cpu::InType::BF16 : cpu::InType::F16;
 }

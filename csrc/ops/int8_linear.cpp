@@ -83,6 +83,7 @@ void check_packed(const Tensor& packed, const Tensor& colsum, int64_t N, int64_t
                     op, ": packed weight has shape ", packed.sizes(), " and ", G,
                     " scale group(s), which does not hold N=", N, ", K=", K,
                     " (was it packed for another layer?)");
+  ops::check_packed_n(colsum, N, Np, op);
 }
 
 std::tuple<Tensor, Tensor> int8_pack(const Tensor& w, int64_t group_size) {
@@ -113,6 +114,8 @@ std::tuple<Tensor, Tensor> int8_pack(const Tensor& w, int64_t group_size) {
       }
     }
   });
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t n = N; n < Np; ++n) cs[g * Np + n] = ops::kColsumPad;  // marks N (common.h)
   return {packed, colsum};
 }
 
