@@ -1,0 +1,81 @@
+// A software model of the AMX tile instructions csrc/cpu/int8_linear_amx.cpp uses, so its
+// logic (tile shapes, strides, which tile multiplies which) runs on CPUs without AMX. Force-
+// included (-include) before that unit: after <immintrin.h> defines the real intrinsics,
+// the macros below replace them. Semantics per the Intel SDM (LDTILECFG, TILELOADD,
+// TILESTORED, TILEZERO, TDPBSSD, TILERELEASE); only what the kernel uses is modelled.
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+namespace amx_emu {
+
+struct Tile {
+  int rows = 0, colsb = 0;
+  alignas(64) uint8_t data[16][64];
+};
+inline thread_local Tile tiles[8];
+inline thread_local bool configured = false;
+
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "amx emulation: %s\n", what);
+  std::abort();
+}
+
+inline void loadconfig(const void* cfg) {
+  const uint8_t* c = static_cast<const uint8_t*>(cfg);
+  if (c[0] != 1) fail("palette_id must be 1");
+  for (int t = 0; t < 8; ++t) {
+    uint16_t colsb;
+    std::memcpy(&colsb, c + 16 + 2 * t, 2);
+    tiles[t].colsb = colsb;
+    tiles[t].rows = c[48 + t];
+    if (tiles[t].rows > 16 || tiles[t].colsb > 64) fail("tile larger than 16 rows x 64 bytes");
+  }
+  configured = true;
+}
+inline Tile& tile(int t) {
+  if (!configured) fail("tile used before LDTILECFG");
+  if (t < 0 || t > 7) fail("no such tile");
+  return tiles[t];
+}
+inline void loadd(int t, const void* base, long stride) {
+  Tile& x = tile(t);
+  for (int r = 0; r < x.rows; ++r) std::memcpy(x.data[r], static_cast<const uint8_t*>(base) + r * stride, x.colsb);
+}
+inline void stored(int t, void* base, long stride) {
+  Tile& x = tile(t);
+  for (int r = 0; r < x.rows; ++r) std::memcpy(static_cast<uint8_t*>(base) + r * stride, x.data[r], x.colsb);
+}
+inline void zero(int t) { std::memset(tile(t).data, 0, sizeof(Tile::data)); }
+// C[m][n] += sum_k sum_i A[m][4k + i] * B[k][4n + i], all signed bytes, int32 C.
+inline void dpbssd(int c, int a, int b) {
+  Tile &C = tile(c), &A = tile(a), &B = tile(b);
+  if (A.colsb / 4 != B.rows || C.rows != A.rows || C.colsb != B.colsb) fail("TDPBSSD shapes do not match");
+  for (int m = 0; m < C.rows; ++m)
+    for (int n = 0; n < C.colsb / 4; ++n) {
+      int32_t acc;
+      std::memcpy(&acc, C.data[m] + 4 * n, 4);
+      for (int k = 0; k < B.rows; ++k)
+        for (int i = 0; i < 4; ++i)
+          acc += int32_t(int8_t(A.data[m][4 * k + i])) * int32_t(int8_t(B.data[k][4 * n + i]));
+      std::memcpy(C.data[m] + 4 * n, &acc, 4);
+    }
+}
+inline void release() { configured = false; }
+
+}  // namespace amx_emu
+
+#undef _tile_loadd
+#undef _tile_stored
+#undef _tile_zero
+#undef _tile_dpbssd
+#define _tile_loadconfig(cfg) amx_emu::loadconfig(cfg)
+#define _tile_release() amx_emu::release()
+#define _tile_loadd(t, base, stride) amx_emu::loadd(t, base, stride)
+#define _tile_stored(t, base, stride) amx_emu::stored(t, base, stride)
+#define _tile_zero(t) amx_emu::zero(t)
+#define _tile_dpbssd(c, a, b) amx_emu::dpbssd(c, a, b)
