@@ -43,8 +43,8 @@ def cpu_info() -> dict:
                 # it on or off), else the bf16 weights widened to fp32 in registers
                 "bsr_linear_bf16": ("cpu-avx512bf16" if feats.get("bf16_dot") else
                                     f"cpu-{'avx512' if sel == 'amx' else sel}-widen"),
-                # int8 blocks: the VNNI kernel (AMX machines too); below AVX-512 the scalar one
-                "bsr_int8_linear": "cpu-avx512" if sel in ("avx512", "amx") else "cpu-scalar"},
+                # int8 blocks: AMX, the VNNI kernel, below AVX-512 the scalar one
+                "bsr_int8_linear": f"cpu-{sel}" if sel in ("avx512", "amx") else "cpu-scalar"},
     }
 
 

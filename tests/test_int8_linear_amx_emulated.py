@@ -1,7 +1,9 @@
-"""The AMX int8 kernel on a CPU without AMX: csrc/cpu/int8_linear_amx.cpp compiled against a
-software model of the tile instructions (tests/emulate/amx.h) and checked by
-tests/emulate/amx_check.cpp: int32 sums bit-exact against int64 (-128 included), and every
-output type's epilogue bit-equal to the scalar kernel's. On an AMX machine the real kernel
+"""The AMX int8 kernels on a CPU without AMX, compiled against a software model of the tile
+instructions (tests/emulate/amx.h): the dense one (csrc/cpu/int8_linear_amx.cpp, checked by
+tests/emulate/amx_check.cpp: int32 sums bit-exact against int64, -128 included, and every
+output type's epilogue bit-equal to the scalar kernel's) and the block-sparse one
+(csrc/cpu/bsr_linear_amx.cpp, tests/emulate/bsr_amx_check.cpp: every output type, ReLU on
+and off, bit-equal to the scalar block-sparse kernel, edge blocks and empty block rows). On an AMX machine the real kernel
 also runs through every other test (the `isa` fixture); this one makes sure its tile
 logic has run somewhere before it meets one."""
 import os
@@ -21,16 +23,20 @@ def _compiler() -> str | None:
     return None
 
 
-def test_amx_kernel_under_emulation(tmp_path):
+@pytest.mark.parametrize("kernel,check,scalar", [
+    ("int8_linear_amx.cpp", "amx_check.cpp", "int8_linear_scalar.cpp"),
+    ("bsr_linear_amx.cpp", "bsr_amx_check.cpp", "bsr_linear_scalar.cpp"),
+])
+def test_amx_kernel_under_emulation(tmp_path, kernel, check, scalar):
     cxx = _compiler()
     if cxx is None:
         pytest.skip("no C++ compiler")
-    exe = tmp_path / "amx_check"
+    exe = tmp_path / "check"
     # -ffp-contract=off as setup.py: the epilogue must round as the scalar kernel's does
     cmd = [cxx, "-O2", "-std=c++20", "-ffp-contract=off", f"-I{ROOT / 'csrc'}",
            "-include", str(ROOT / "tests" / "emulate" / "amx.h"),
-           str(ROOT / "csrc" / "cpu" / "int8_linear_amx.cpp"), str(ROOT / "csrc" / "cpu" / "int8_linear_scalar.cpp"),
-           str(ROOT / "tests" / "emulate" / "amx_check.cpp"), "-o", str(exe)]
+           str(ROOT / "csrc" / "cpu" / kernel), str(ROOT / "csrc" / "cpu" / scalar),
+           str(ROOT / "tests" / "emulate" / check), "-o", str(exe)]
     build = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)

@@ -95,6 +95,8 @@ struct BsrI8Args {
 };
 void bsr_i8_scalar(const BsrI8Args& g, int64_t r0, int64_t r1, int32_t* cbuf, float* fbuf);
 void bsr_i8_avx512(const BsrI8Args& g, int64_t r0, int64_t r1, int32_t* cbuf, float* fbuf);
+// AMX: activations s8 (no +128 shift), a padded to round_up(M, 32) zero rows; cbuf >= 32 x 64.
+void bsr_i8_amx(const BsrI8Args& g, int64_t r0, int64_t r1, int32_t* cbuf, float* fbuf);
 
 }  // namespace cpu
 }  // namespace pysparse

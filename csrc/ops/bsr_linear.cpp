@@ -263,15 +263,16 @@ Tensor bsr_int8_linear(const Tensor& x, const Tensor& values, const Tensor& row_
   Tensor x2 = x.reshape({M, K});
   if (x2.stride(1) != 1) x2 = x2.contiguous();
   const Isa isa = ops::isa_now();
-  const bool vnni = isa >= Isa::Avx512;  // AMX machines run the VNNI block kernel too
-  const ops::QuantizedX q = ops::quantize_x(x2, static_scale, M, Kp, isa, vnni);
+  const bool amx = isa == Isa::Amx, vnni = isa == Isa::Avx512;
+  // AMX loads 16-row A tiles (32 rows per pass): zero rows past M; VNNI stores x as u8
+  const ops::QuantizedX q = ops::quantize_x(x2, static_scale, amx ? cpu::round_up(M, 32) : M, Kp, isa, vnni);
   int8_t* app = q.a.data_ptr<int8_t>();
   float* asp = q.scale.data_ptr<float>();
   const cpu::OutType ot = ops::out_type(dt);
-  cpu::BsrI8Args b{{app, M, M, N, Np, Kp, nullptr, colsum.data_ptr<int32_t>(), asp, w_scale.data_ptr<float>(),
+  cpu::BsrI8Args b{{app, M, q.a.size(0), N, Np, Kp, nullptr, colsum.data_ptr<int32_t>(), asp, w_scale.data_ptr<float>(),
                     Kp, bias ? bias->data_ptr<float>() : nullptr, out.data_ptr(), N, ot},
                    row_ptr.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), values.data_ptr<int8_t>(), relu};
-  auto fn = vnni ? cpu::bsr_i8_avx512 : cpu::bsr_i8_scalar;
+  auto fn = amx ? cpu::bsr_i8_amx : vnni ? cpu::bsr_i8_avx512 : cpu::bsr_i8_scalar;
   parallel_rows(b.row_ptr, R, B, B, [&](int64_t r0, int64_t r1) {
     // C scratch: up to 256 rows x 64 int32 per pass (csrc/cpu/bsr_linear_avx512.cpp)
     thread_local std::vector<int32_t> cbuf;

@@ -1,0 +1,75 @@
+// AMX int8 block-sparse kernel: each stored 64 x 64 block is four AMX B tiles as it lies
+// (the packed layout's [4 column blocks][16 k-groups][16 columns][4 k]: one column block is
+// 16 rows of 64 bytes, a B tile at stride 64), so TDPBSSD runs over the stored blocks with
+// no repacking. Per pass: 32 rows x 32 outputs in four C tiles, as the dense AMX kernel.
+#include <immintrin.h>
+
+#include "bsr_linear_impl.h"
+
+namespace pysparse {
+namespace cpu {
+
+namespace {
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// tmm0..3: C (2 x 2 tiles of 16 x 16 int32), tmm4..5: A (16 rows x 64 k), tmm6..7: B.
+void configure_tiles() {
+  TileConfig cfg{};
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// Rows m .. m + 32 x outputs 32h .. 32h + 32 of block row rb, over all its stored blocks,
+// into C [32][64] int32 (columns 32h ..). `a` holds round_up(M, 32) rows (zero past M).
+inline void rows32_half(const BsrI8Args& b, int64_t m, int64_t rb, int h, int32_t* C) {
+  constexpr int64_t ldc = kPackN * 4;  // bytes per C row
+  const int64_t Kp = b.g.Kp;
+  const int8_t* a = b.g.a + m * Kp;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int32_t blk = b.row_ptr[rb]; blk < b.row_ptr[rb + 1]; ++blk) {
+    const int64_t k0 = int64_t(b.col_idx[blk]) * kBsrI8Block;
+    const int8_t* v = b.values + int64_t(blk) * kBsrI8Block * kBsrI8Block + 2 * h * 1024;
+    _tile_loadd(4, a + k0, Kp);
+    _tile_loadd(5, a + 16 * Kp + k0, Kp);
+    _tile_loadd(6, v, 64);
+    _tile_loadd(7, v + 1024, 64);
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 4, 7);
+    _tile_dpbssd(2, 5, 6);
+    _tile_dpbssd(3, 5, 7);
+  }
+  int32_t* c = C + 32 * h;
+  _tile_stored(0, c, ldc);
+  _tile_stored(1, c + 16, ldc);
+  _tile_stored(2, c + 16 * kPackN, ldc);
+  _tile_stored(3, c + 16 * kPackN + 16, ldc);
+}
+}  // namespace
+
+// s8 x s8 (activations quantized without the VNNI +128 shift); C: [32][64] scratch.
+void bsr_i8_amx(const BsrI8Args& b, int64_t r0, int64_t r1, int32_t* C, float*) {
+  configure_tiles();  // tile state is per thread
+  for (int64_t rb = r0; rb < r1; ++rb)
+    for (int64_t m = 0; m < b.g.M; m += 32) {
+      rows32_half(b, m, rb, 0, C);
+      rows32_half(b, m, rb, 1, C);
+      detail::bsr_i8_store(b, m, std::min<int64_t>(32, b.g.M - m), rb, C, /*u8=*/false);
+    }
+  _tile_release();
+}
+
+}  // namespace cpu
+}  // namespace pysparse
