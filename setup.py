@@ -26,7 +26,7 @@ ISA_SOURCES = {
     "csrc/cpu/int8_linear_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
     "csrc/cpu/int8_linear_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
                                         "-mavx2", "-mfma", "-mf16c"],
-    "csrc/cpu/bsr_linear_amx.cpp": ["-mamx-tile", "-mamx-int8", "-mavx512f", "-mavx512bw",
+    "csrc/cpu/bsr_linear_amx.cpp": ["-mamx-tile", "-mamx-int8", "-mamx-bf16", "-mavx512f", "-mavx512bw",
                                     "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c"],
     "csrc/cpu/int8_linear_amx.cpp": ["-mamx-tile", "-mamx-int8", "-mavx512f", "-mavx512bw",
                                      "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c"],

@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "../cpu/bsr_linear.h"
@@ -101,15 +103,22 @@ Tensor bsr_linear(const Tensor& x, const Tensor& values, const Tensor& row_ptr, 
     auto fn = isa >= Isa::Avx512 ? cpu::bsr_f32_avx512 : isa == Isa::Avx2 ? cpu::bsr_f32_avx2 : cpu::bsr_f32_scalar;
     parallel_rows(g.row_ptr, R, bk, bn, [&](int64_t r0, int64_t r1) { fn(g, r0, r1); });
   } else {
-    // The kernels read x in pairs of columns: with K odd, column K must exist and be 0.
-    Tensor xb = x.reshape({M, K}).to(at::kBFloat16);
-    if (K % 2) xb = at::constant_pad_nd(xb, {0, 1});
-    else if (xb.stride(1) != 1 && K > 0) xb = xb.contiguous();
     const bool dot = ops::bf16_dot_now();
+    // AMX-BF16 for 32- and 64-deep blocks (one or two 32-k tiles), unless PYSPARSE_CPU_BF16=0
+    const char* env = std::getenv("PYSPARSE_CPU_BF16");
+    const bool amx = isa == Isa::Amx && cpu::cpu_features().amx_bf16 && (bk == 32 || bk == 64) &&
+                     !(env && !std::strcmp(env, "0"));
+    // The kernels read x in pairs of columns: with K odd, column K must exist and be 0. AMX
+    // loads 32 rows x 32 columns per tile pair: zero rows to a multiple of 32, zero columns
+    // to whole blocks.
+    Tensor xb = x.reshape({M, K}).to(at::kBFloat16);
+    if (amx) xb = at::constant_pad_nd(xb, {0, KB * bk - K, 0, cpu::round_up(M, 32) - M});
+    else if (K % 2) xb = at::constant_pad_nd(xb, {0, 1});
+    else if (xb.stride(1) != 1 && K > 0) xb = xb.contiguous();
     // The widening paths run the fp32 kernel from kBf16WidenOnceRows rows on: x rounded to
     // bf16 (the op's semantics), then held as fp32.
     Tensor xf;
-    if (!dot && isa >= Isa::Avx2 && M >= cpu::kBf16WidenOnceRows) xf = xb.to(at::kFloat).contiguous();
+    if (!amx && !dot && isa >= Isa::Avx2 && M >= cpu::kBf16WidenOnceRows) xf = xb.to(at::kFloat).contiguous();
     cpu::BsrBf16Args g{{xf.defined() ? xf.data_ptr<float>() : nullptr, M, N, K, xf.defined() ? xf.stride(0) : 0,
                         bn, bk, row_ptr.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), nullptr,
                         bias ? bias->data_ptr<float>() : nullptr, relu, out.data_ptr<float>(), N},
@@ -119,7 +128,13 @@ Tensor bsr_linear(const Tensor& x, const Tensor& values, const Tensor& row_ptr, 
               : isa >= Isa::Avx512 ? cpu::bsr_bf16_avx512
               : isa == Isa::Avx2   ? cpu::bsr_bf16_avx2
                                    : cpu::bsr_bf16_scalar;
-    parallel_rows(g.f.row_ptr, R, bk, bn, [&](int64_t r0, int64_t r1) { fn(g, r0, r1); });
+    if (amx)
+      parallel_rows(g.f.row_ptr, R, bk, bn, [&](int64_t r0, int64_t r1) {
+        thread_local std::vector<float> cbuf(32 * cpu::kPackN);
+        cpu::bsr_bf16_amx(g, r0, r1, cbuf.data());
+      });
+    else
+      parallel_rows(g.f.row_ptr, R, bk, bn, [&](int64_t r0, int64_t r1) { fn(g, r0, r1); });
   }
   return dt == at::kFloat ? out : out.to(dt);
 }

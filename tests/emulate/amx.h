@@ -2,7 +2,7 @@
 // logic (tile shapes, strides, which tile multiplies which) runs on CPUs without AMX. Force-
 // included (-include) before that unit: after <immintrin.h> defines the real intrinsics,
 // the macros below replace them. Semantics per the Intel SDM (LDTILECFG, TILELOADD,
-// TILESTORED, TILEZERO, TDPBSSD, TILERELEASE); only what the kernel uses is modelled.
+// TILESTORED, TILEZERO, TDPBSSD, TDPBF16PS, TILERELEASE); only what the kernel uses is modelled.
 #pragma once
 #include <immintrin.h>
 
@@ -65,6 +65,28 @@ inline void dpbssd(int c, int a, int b) {
       std::memcpy(C.data[m] + 4 * n, &acc, 4);
     }
 }
+// C[m][n] (fp32) += sum_k A[m][2k] * B[k][2n] + A[m][2k+1] * B[k][2n+1], bf16 pairs; each
+// product is exact in fp32, added in that order (the SDM's pseudocode for TDPBF16PS).
+inline float bf16(const uint8_t* p) {
+  uint32_t u = uint32_t(p[0] | (p[1] << 8)) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline void dpbf16ps(int c, int a, int b) {
+  Tile &C = tile(c), &A = tile(a), &B = tile(b);
+  if (A.colsb / 4 != B.rows || C.rows != A.rows || C.colsb != B.colsb) fail("TDPBF16PS shapes do not match");
+  for (int m = 0; m < C.rows; ++m)
+    for (int n = 0; n < C.colsb / 4; ++n) {
+      float acc;
+      std::memcpy(&acc, C.data[m] + 4 * n, 4);
+      for (int k = 0; k < B.rows; ++k) {
+        acc += bf16(A.data[m] + 4 * k) * bf16(B.data[k] + 4 * n);
+        acc += bf16(A.data[m] + 4 * k + 2) * bf16(B.data[k] + 4 * n + 2);
+      }
+      std::memcpy(C.data[m] + 4 * n, &acc, 4);
+    }
+}
 inline void release() { configured = false; }
 
 }  // namespace amx_emu
@@ -73,9 +95,11 @@ inline void release() { configured = false; }
 #undef _tile_stored
 #undef _tile_zero
 #undef _tile_dpbssd
+#undef _tile_dpbf16ps
 #define _tile_loadconfig(cfg) amx_emu::loadconfig(cfg)
 #define _tile_release() amx_emu::release()
 #define _tile_loadd(t, base, stride) amx_emu::loadd(t, base, stride)
 #define _tile_stored(t, base, stride) amx_emu::stored(t, base, stride)
 #define _tile_zero(t) amx_emu::zero(t)
 #define _tile_dpbssd(c, a, b) amx_emu::dpbssd(c, a, b)
+#define _tile_dpbf16ps(c, a, b) amx_emu::dpbf16ps(c, a, b)

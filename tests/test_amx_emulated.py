@@ -3,7 +3,9 @@ instructions (tests/emulate/amx.h): the dense one (csrc/cpu/int8_linear_amx.cpp,
 tests/emulate/amx_check.cpp: int32 sums bit-exact against int64, -128 included, and every
 output type's epilogue bit-equal to the scalar kernel's) and the block-sparse one
 (csrc/cpu/bsr_linear_amx.cpp, tests/emulate/bsr_amx_check.cpp: every output type, ReLU on
-and off, bit-equal to the scalar block-sparse kernel, edge blocks and empty block rows). On an AMX machine the real kernel
+and off, bit-equal to the scalar block-sparse kernel, edge blocks and empty block rows) and
+its bf16 kernel (tests/emulate/bsr_bf16_amx_check.cpp: TDPBF16PS against the scalar bf16
+kernel within fp32 rounding). On an AMX machine the real kernel
 also runs through every other test (the `isa` fixture); this one makes sure its tile
 logic has run somewhere before it meets one."""
 import os
@@ -26,6 +28,7 @@ def _compiler() -> str | None:
 @pytest.mark.parametrize("kernel,check,scalar", [
     ("int8_linear_amx.cpp", "amx_check.cpp", "int8_linear_scalar.cpp"),
     ("bsr_linear_amx.cpp", "bsr_amx_check.cpp", "bsr_linear_scalar.cpp"),
+    ("bsr_linear_amx.cpp", "bsr_bf16_amx_check.cpp", "bsr_linear_scalar.cpp"),
 ])
 def test_amx_kernel_under_emulation(tmp_path, kernel, check, scalar):
     cxx = _compiler()
