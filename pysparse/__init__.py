@@ -39,9 +39,12 @@ def cpu_info() -> dict:
         "threads": torch.get_num_threads(),
         "ops": {"int8_linear": f"cpu-{sel}", "int8_mm": f"cpu-{sel}",
                 "bsr_linear": f"cpu-{'avx512' if sel == 'amx' else sel}",
-                # bf16 blocks: VDPBF16PS where it out-runs fp32 FMA here (PYSPARSE_CPU_BF16 forces
-                # it on or off), else the bf16 weights widened to fp32 in registers
-                "bsr_linear_bf16": ("cpu-avx512bf16" if feats.get("bf16_dot") else
+                # bf16 blocks: AMX-BF16 (blocks 32 or 64 deep), else VDPBF16PS where it out-runs
+                # fp32 FMA here, else the bf16 weights widened to fp32 in registers
+                # (PYSPARSE_CPU_BF16=0 forces widening, =1 VDPBF16PS)
+                "bsr_linear_bf16": ("cpu-amx" if sel == "amx" and feats["amx_bf16"]
+                                    and os.environ.get("PYSPARSE_CPU_BF16") != "0" else
+                                    "cpu-avx512bf16" if feats.get("bf16_dot") else
                                     f"cpu-{'avx512' if sel == 'amx' else sel}-widen"),
                 # int8 blocks: AMX, the VNNI kernel, below AVX-512 the scalar one
                 "bsr_int8_linear": f"cpu-{sel}" if sel in ("avx512", "amx") else "cpu-scalar"},
