@@ -478,6 +478,42 @@ def bsr_checks(KB) -> "Checks":
         return "equal: " + ", ".join(done)
     c.run("sparsify(GPU layer, dtype=fp16/bf16/int8) == CPU-built layer moved", built_on_gpu)
 
+    def bf16_cpu_layer_moved():
+        # CPU bf16 blocks are input pairs [nnzb, bk/2, bn, 2]; on the GPU k-major [nnzb, bk, bn]
+        N, K = BSR_CHECK_NK[0]
+        lin = torch.nn.Linear(K, N)
+        m = pysparse.sparsify(lin, 0.75, dtype=torch.bfloat16, dispatch="sparse")
+        assert m.values.dim() == 4, tuple(m.values.shape)
+        md = copy.deepcopy(m).to(DEVICE)
+        if DEVICE == "cuda" and md.values.dim() != 3:
+            raise AssertionError(f"bf16 values not k-major on the GPU: {tuple(md.values.shape)}")
+        x = torch.randn(7, K).bfloat16()
+        y, ref = md(x.to(DEVICE)).cpu().double(), m(x).double()
+        if not bool(((y - ref).abs() <= 2.0 ** -6 * ref.abs() + 1e-2).all()):  # two bf16 roundings, fp32 sums
+            raise AssertionError("bf16 layer on the GPU differs from the CPU one")
+        if not torch.equal(md.cpu().values, m.values):
+            raise AssertionError("bf16 blocks moved GPU -> CPU changed")
+        return "same output within bf16 rounding; blocks round-trip bit for bit"
+    c.run("BlockSparseLinear bf16 blocks built on the CPU, moved to the GPU and back", bf16_cpu_layer_moved)
+
+    def backward_on_gpu():
+        # the backward ops' CUDA composites against the CPU kernels, fp32 blocks, fixed pattern
+        N, K = BSR_CHECK_NK[0]
+        lin = torch.nn.Linear(K, N)
+        m = pysparse.sparsify(lin, 0.75, dispatch="sparse")
+        md = copy.deepcopy(m).to(DEVICE)
+        x, g = torch.randn(33, K), torch.randn(33, N)
+        grads = []
+        for mod, dev in ((m, "cpu"), (md, DEVICE)):
+            xi = x.to(dev).requires_grad_(True)
+            (mod(xi) * g.to(dev)).sum().backward()
+            grads.append((xi.grad.cpu(), mod.values.grad.cpu(), mod.bias.grad.cpu()))
+        for a, b, name in zip(grads[0], grads[1], ("x", "values", "bias")):
+            if not torch.allclose(a, b, rtol=1e-4, atol=1e-4):
+                raise AssertionError(f"grad of {name} on {DEVICE} differs from the CPU's")
+        return "grads of x, blocks and bias match the CPU kernels"
+    c.run("BlockSparseLinear backward on CUDA vs CPU", backward_on_gpu)
+
     def compiled():
         lin = torch.nn.Linear(256, 192)
         for m, dtype in ((pysparse.sparsify(copy.deepcopy(lin), 0.5, block=(64, 64), dispatch="sparse"), torch.bfloat16),
