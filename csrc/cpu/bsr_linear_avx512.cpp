@@ -144,6 +144,16 @@ inline float* aligned_scratch(std::vector<float>& v, size_t n) {
   return reinterpret_cast<float*>((p + 63) & ~uintptr_t(63));
 }
 
+// dst[0, n) = src[0, n), dst[n, width) = 0; width a multiple of 16, dst 64-byte aligned. Inline
+// masked moves: a memcpy call per 128-byte row cost 10% of the block gradient at density 0.5.
+inline void copy_row(float* dst, const float* src, int64_t n, int64_t width) {
+  for (int64_t j = 0; j < width; j += 16) {
+    const int64_t v = std::clamp<int64_t>(n - j, 0, 16);
+    const __mmask16 mk = __mmask16((uint32_t(1) << v) - 1);
+    _mm512_store_ps(dst + j, _mm512_maskz_loadu_ps(mk, src + j));
+  }
+}
+
 // The block row's output-gradient columns and each block's x columns are first copied into
 // contiguous, zero-padded scratch ([M][bn], [M][bk]): read in place, every m stepped to a new
 // 16 KB-strided row (a new page) of both, and the kernel ran at 60% of the forward's speed at
@@ -153,16 +163,14 @@ void grad_block_row(const BsrGradArgs& a, int64_t rb) {
   thread_local std::vector<float> gbuf, xbuf;
   const int64_t n0 = rb * a.bn, nn = std::min(a.bn, a.N - n0), bkp = (a.bk + 15) / 16 * 16;
   float* gs = aligned_scratch(gbuf, size_t(a.M * a.bn));
-  for (int64_t m = 0; m < a.M; ++m) {
-    std::memcpy(gs + m * a.bn, a.g + m * a.ldg + n0, sizeof(float) * nn);
-    std::fill(gs + m * a.bn + nn, gs + (m + 1) * a.bn, 0.f);  // padding outputs: gradient 0
-  }
+  for (int64_t m = 0; m < a.M; ++m)  // zero past nn: padding outputs get gradient 0
+    copy_row(gs + m * a.bn, a.g + m * a.ldg + n0, nn, a.bn);
   float* xs = aligned_scratch(xbuf, size_t(a.M * bkp));
   for (int32_t b = a.row_ptr[rb]; b < a.row_ptr[rb + 1]; ++b) {
     const int64_t k0 = int64_t(a.col_idx[b]) * a.bk, kn = std::min(a.bk, a.K - k0);
     float* ob = a.out + int64_t(b) * a.bk * a.bn;
     if (kn < a.bk) std::fill(ob + kn * a.bn, ob + a.bk * a.bn, 0.f);  // padding inputs
-    for (int64_t m = 0; m < a.M; ++m) std::memcpy(xs + m * bkp, a.x + m * a.ldx + k0, sizeof(float) * kn);
+    for (int64_t m = 0; m < a.M; ++m) copy_row(xs + m * bkp, a.x + m * a.ldx + k0, kn, bkp);
     detail::for_steps<KR>(0, kn, [&](auto rows, int64_t k) {
       grad_rows<rows.value, NB>(a.M, xs + k, bkp, gs, a.bn, ob + k * a.bn);
     });

@@ -223,7 +223,10 @@ Tensor bsr_linear_grad_values(const Tensor& grad, const Tensor& x, const Tensor&
   TORCH_CHECK_VALUE(grad.device().is_cpu() && grad.dim() >= 1 && grad.size(-1) == N && rows_of(grad) == M,
                     "bsr_linear_grad_values: grad must be a CPU tensor [..., ", N, "] with x's rows, got ",
                     grad.sizes(), " for x ", x.sizes());
-  Tensor out = at::zeros({nnzb, bk, bn}, values.options().dtype(at::kFloat));
+  // the kernels write every element of every stored block (padding included); with no rows
+  // the gradient is 0
+  Tensor out = M > 0 ? at::empty({nnzb, bk, bn}, values.options().dtype(at::kFloat))
+                     : at::zeros({nnzb, bk, bn}, values.options().dtype(at::kFloat));
   if (nnzb > 0 && M > 0) {
     Tensor x2 = x.reshape({M, K});
     x2 = bf16 ? x2.to(at::kBFloat16).to(at::kFloat) : x2.to(at::kFloat);  // what the forward multiplied
