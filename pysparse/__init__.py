@@ -41,7 +41,7 @@ def cpu_info() -> dict:
                 "bsr_linear": f"cpu-{'avx512' if sel == 'amx' else sel}",
                 # bf16 blocks: AMX-BF16 (blocks 32 or 64 deep), else VDPBF16PS where it out-runs
                 # fp32 FMA here, else the bf16 weights widened to fp32 in registers
-                # (PYSPARSE_CPU_BF16=0 forces widening, =1 VDPBF16PS)
+                # (PYSPARSE_CPU_BF16=0 forces widening; =1 VDPBF16PS where AMX-BF16 is not used)
                 "bsr_linear_bf16": ("cpu-amx" if sel == "amx" and feats["amx_bf16"]
                                     and os.environ.get("PYSPARSE_CPU_BF16") != "0" else
                                     "cpu-avx512bf16" if feats.get("bf16_dot") else

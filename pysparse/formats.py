@@ -20,9 +20,9 @@ import torch
 
 from .reference import quantize_weight
 
-INT8_BLOCK = (64, 64)
+INT8_BLOCK = (64, 64)  # csrc/cpu/bsr_linear.h kBsrI8Block: one 64-column VNNI chunk x one AMX K tile
 # colsum's padding columns hold this (no real column sum can): the ops check N against it.
-COLSUM_PAD = torch.iinfo(torch.int32).min  # csrc/cpu/bsr_linear.h kBsrI8Block: one 64-column VNNI chunk x one AMX K tile
+COLSUM_PAD = torch.iinfo(torch.int32).min
 
 
 @dataclass

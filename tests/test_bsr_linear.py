@@ -273,6 +273,19 @@ def test_bf16_padding_is_never_read_and_rows_do_not_depend_on_the_batch(isa, bf1
     assert torch.equal(y, rows)
 
 
+@pytest.mark.parametrize("block", [(64, 32), (64, 64), (16, 32)])
+def test_bsr_bf16_transposed_x(isa, bf16_dot, block):
+    # x with a column stride (a transposed view), at sizes where no padding is needed (M a
+    # multiple of 32, K of bk): every path must read it as rows, the AMX one included
+    N, K, M = 96, 128, 32
+    w = pruned_weight(N, K, *block, 0.5)
+    vals, lay = formats.pack_bsr_bf16(w, *block)
+    xt = torch.randn(K, M).bfloat16().t()
+    assert xt.stride(1) != 1
+    y = ops.bsr_linear(xt, vals, lay.row_ptr, lay.col_idx, None, N, K)
+    assert torch.equal(y, ops.bsr_linear(xt.contiguous(), vals, lay.row_ptr, lay.col_idx, None, N, K))
+
+
 def test_bsr_layouts_in_state_dicts():
     N, K = 130, 96
     w = pruned_weight(N, K, 64, 32, 0.5)

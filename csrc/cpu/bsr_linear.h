@@ -52,8 +52,9 @@ void bsr_bf16_scalar(const BsrBf16Args& g, int64_t r0, int64_t r1);
 void bsr_bf16_avx2(const BsrBf16Args& g, int64_t r0, int64_t r1);
 void bsr_bf16_avx512(const BsrBf16Args& g, int64_t r0, int64_t r1);      // widens bf16 to fp32
 void bsr_bf16_avx512bf16(const BsrBf16Args& g, int64_t r0, int64_t r1);  // VDPBF16PS
-// AMX-BF16 (TDPBF16PS), bk 32 or 64: x padded with zero rows to a multiple of 32 and zero
-// columns to whole blocks (ldxb >= KB * bk); C: [32][64] fp32 scratch.
+// AMX-BF16 (TDPBF16PS), bk 32 or 64: x row-major, padded with zero rows to a multiple of 32
+// and zero columns to whole blocks (ldxb >= KB * bk); C: [32][64] fp32 scratch. It multiplies
+// whole blocks, so the blocks' padding (k >= K) must be zero, as pack_bsr_bf16 makes it.
 void bsr_bf16_amx(const BsrBf16Args& g, int64_t r0, int64_t r1, float* C);
 // VDPBF16PS's MAC rate over fp32 FMA's on this core, measured in registers (about 1 ms;
 // call only where AVX512-BF16 exists). It differs by CPU: 0.5 on the development machine

@@ -112,7 +112,8 @@ Tensor bsr_linear(const Tensor& x, const Tensor& values, const Tensor& row_ptr, 
     // loads 32 rows x 32 columns per tile pair: zero rows to a multiple of 32, zero columns
     // to whole blocks.
     Tensor xb = x.reshape({M, K}).to(at::kBFloat16);
-    if (amx) xb = at::constant_pad_nd(xb, {0, KB * bk - K, 0, cpu::round_up(M, 32) - M});
+    // (contiguous: with nothing to pad, constant_pad_nd keeps a transposed x's strides)
+    if (amx) xb = at::constant_pad_nd(xb, {0, KB * bk - K, 0, cpu::round_up(M, 32) - M}).contiguous();
     else if (K % 2) xb = at::constant_pad_nd(xb, {0, 1});
     else if (xb.stride(1) != 1 && K > 0) xb = xb.contiguous();
     // The widening paths run the fp32 kernel from kBf16WidenOnceRows rows on: x rounded to
