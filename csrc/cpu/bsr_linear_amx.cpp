@@ -4,32 +4,13 @@
 // no repacking. bf16: a block's [bk/2][bn][2] input pairs are B tiles too (16 pair rows =
 // 32 k of 16 outputs, stride 4 bn bytes) for TDPBF16PS. Per pass: 32 rows x 32 outputs in
 // four C tiles, as the dense AMX kernel.
-#include <immintrin.h>
-
+#include "amx_tiles.h"
 #include "bsr_linear_impl.h"
 
 namespace pysparse {
 namespace cpu {
 
 namespace {
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-// tmm0..3: C (2 x 2 tiles of 16 x 16 int32), tmm4..5: A (16 rows x 64 k), tmm6..7: B.
-void configure_tiles() {
-  TileConfig cfg{};
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
 
 // Rows m .. m + 32 x outputs 32h .. 32h + 32 of block row rb, over all its stored blocks,
 // into C [32][64] int32 (columns 32h ..). `a` holds round_up(M, 32) rows (zero past M).

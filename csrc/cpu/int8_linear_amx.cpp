@@ -2,32 +2,13 @@
 // 64 x 16 s8 B tile into a 16 x 16 int32 C tile (1024 MACs per instruction; 16x the
 // int8 throughput of AVX-512 VNNI per core). The packed B layout puts 4 k of 16 columns
 // in 64 bytes, which is exactly one B-tile row, so a B tile is one strided load.
-#include <immintrin.h>
-
+#include "amx_tiles.h"
 #include "int8_linear_impl.h"
 
 namespace pysparse {
 namespace cpu {
 
 namespace {
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-// tmm0..3: C (2 x 2 tiles of 16 x 16 int32), tmm4..5: A (16 rows x 64 k), tmm6..7: B.
-void configure_tiles() {
-  TileConfig cfg{};
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
 
 // 32 rows x 32 columns over k in [k0, k1) (multiples of 64). A is zero-padded to a
 // multiple of 32 rows, so the tile loads never read past the scratch buffer.
