@@ -137,13 +137,6 @@ inline void grad_rows(int64_t M, const float* x, int64_t ldx, const float* g, in
     for (int j = 0; j < NB; ++j) _mm512_storeu_ps(ob + r * bn + 16 * j, acc[r][j]);
 }
 
-// 64-byte aligned thread scratch of n floats (vector storage is only 16-byte aligned).
-inline float* aligned_scratch(std::vector<float>& v, size_t n) {
-  if (v.size() < n + 16) v.resize(n + 16);
-  const uintptr_t p = reinterpret_cast<uintptr_t>(v.data());
-  return reinterpret_cast<float*>((p + 63) & ~uintptr_t(63));
-}
-
 // dst[0, n) = src[0, n), dst[n, width) = 0; width a multiple of 16, dst 64-byte aligned. Inline
 // masked moves: a memcpy call per 128-byte row cost 10% of the block gradient at density 0.5.
 inline void copy_row(float* dst, const float* src, int64_t n, int64_t width) {
@@ -162,10 +155,10 @@ template <int NB, int KR>
 void grad_block_row(const BsrGradArgs& a, int64_t rb) {
   thread_local std::vector<float> gbuf, xbuf;
   const int64_t n0 = rb * a.bn, nn = std::min(a.bn, a.N - n0), bkp = (a.bk + 15) / 16 * 16;
-  float* gs = aligned_scratch(gbuf, size_t(a.M * a.bn));
+  float* gs = detail::aligned_scratch(gbuf, size_t(a.M * a.bn));
   for (int64_t m = 0; m < a.M; ++m)  // zero past nn: padding outputs get gradient 0
     copy_row(gs + m * a.bn, a.g + m * a.ldg + n0, nn, a.bn);
-  float* xs = aligned_scratch(xbuf, size_t(a.M * bkp));
+  float* xs = detail::aligned_scratch(xbuf, size_t(a.M * bkp));
   for (int32_t b = a.row_ptr[rb]; b < a.row_ptr[rb + 1]; ++b) {
     const int64_t k0 = int64_t(a.col_idx[b]) * a.bk, kn = std::min(a.bk, a.K - k0);
     float* ob = a.out + int64_t(b) * a.bk * a.bn;

@@ -50,16 +50,19 @@ inline void bsr_f32_store(const BsrF32Args& g, int64_t m0, int64_t rows, int64_t
   }
 }
 
+// At least n floats of v, 64-byte aligned as the tensors' storage: vector storage is only
+// 16-byte aligned, and every zmm load of it then straddles two cache lines.
+inline float* aligned_scratch(std::vector<float>& v, size_t n) {
+  if (v.size() < n + 16) v.resize(n + 16);
+  const uintptr_t p = reinterpret_cast<uintptr_t>(v.data());
+  return reinterpret_cast<float*>((p + 63) & ~uintptr_t(63));
+}
+
 // This thread's scratch for block row rb's blocks widened to fp32 k-major ([bk][bn], what
 // the fp32 kernels read); the ISA units fill it (widen_block_row), with vector shifts.
 inline float* widen_scratch(const BsrBf16Args& b, int64_t rb) {
   thread_local std::vector<float> scratch;
-  const size_t n = size_t(b.f.row_ptr[rb + 1] - b.f.row_ptr[rb]) * b.f.bk * b.f.bn + 16;
-  if (scratch.size() < n) scratch.resize(n);
-  // 64-byte aligned, as the tensors' storage: vector storage is only 16-byte aligned and
-  // every zmm load of it then straddles two cache lines.
-  const uintptr_t p = reinterpret_cast<uintptr_t>(scratch.data());
-  return reinterpret_cast<float*>((p + 63) & ~uintptr_t(63));
+  return aligned_scratch(scratch, size_t(b.f.row_ptr[rb + 1] - b.f.row_ptr[rb]) * b.f.bk * b.f.bn);
 }
 
 // Portable gradient of the stored blocks (the scalar and AVX2 units compile it with their
