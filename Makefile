@@ -7,7 +7,9 @@ VPY := $(VENV)/bin/python
 # the +cpu local version never resolves to PyPI's multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0+cpu
 DEPS := numpy tqdm pytest pytest-benchmark hypothesis scikit-learn triton torchao matplotlib \
-        ninja setuptools wheel expecttest
+        ninja setuptools wheel expecttest safetensors onnx onnxruntime onnxscript
+# Torch-Pruning is a benchmark peer; --no-deps so its torch requirement can never pull another torch.
+NODEPS := torch-pruning
 
 .PHONY: setup build test demo bench bench-kernels benchmarks gpu-check clean
 
@@ -18,6 +20,7 @@ setup: $(VPY)
 	@$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "$(TORCH_CPU)" || \
 	  { echo "setup: no torch installed and $(TORCH_CPU) is not available here; install a CPU torch 2.11-2.14 first" >&2; exit 1; }
 	$(VPY) -m pip install -q $(DEPS)
+	$(VPY) -m pip install -q --no-deps $(NODEPS)
 	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 
 build: $(VPY)
