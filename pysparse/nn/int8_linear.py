@@ -172,6 +172,8 @@ class Int8Linear(ConfigState, nn.Module):
         G = self.w_scale.shape[0]
         N, K = self.out_features, self.in_features
         want = {"weight_int8": (torch.int8, (N, K)), "weight_scale": (torch.float32, (N, G))}
+        if self.bias is not None:
+            want["bias"] = (torch.float32, (N,))
         if self.x_scale is not None:
             want["x_scale"] = (torch.float32, (1,))
         if self.smooth is not None:
@@ -183,7 +185,7 @@ class Int8Linear(ConfigState, nn.Module):
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dt:
                 errs.append(f"{prefix}{n}: expected {dt} of shape {list(shape)}, got "
                             f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', ()))}")
-            elif t.device.type != "meta" and n != "weight_int8" and not bool(torch.isfinite(t).all()):
+            elif t.device.type != "meta" and n not in ("weight_int8", "bias") and not bool(torch.isfinite(t).all()):
                 errs.append(f"{prefix}{n}: holds NaN or Inf (every scale must be finite)")
             elif t.device.type != "meta" and n in ("x_scale", "smooth") and not bool((t > 0).all()):
                 errs.append(f"{prefix}{n}: must be > 0")
@@ -210,8 +212,11 @@ class Int8Linear(ConfigState, nn.Module):
         if errs:  # load nothing: the layer stays as it was
             error_msgs.extend(errs)
             return
+        n_errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if len(error_msgs) > n_errors:
+            return  # torch refused a tensor: leave the weight as it was
         if not has_config:
             drop_key(missing_keys, prefix + "_extra_state")
         for n in ("weight_int8", "weight_scale"):
