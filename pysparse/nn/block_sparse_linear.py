@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from .. import formats, ops
-from .config import FLOAT_DTYPES, BlockSparseConfig, ConfigState, config_from_dict, drop_key
+from .config import FLOAT_DTYPES, FORMATS, BlockSparseConfig, ConfigState, config_from_dict, drop_key
 
-FORMATS = ("bsr", "bsr-int8", "dense", "dense-int8", "2:4")
+__all__ = ["BlockSparseLinear", "FORMATS", "clear_timing_cache", "is_2_4", "dtype_name", "float_dtype"]
 _HALF = (torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
                 torch.int8: "int8"}
@@ -121,18 +121,22 @@ class BlockSparseLinear(ConfigState, nn.Module):
     # -------------------------------------------------------------- what all formats share
     @property
     def in_features(self) -> int:
+        """K, the input width."""
         return self._config.in_features
 
     @property
     def out_features(self) -> int:
+        """N, the output width."""
         return self._config.out_features
 
     @property
     def block(self) -> tuple[int, int]:
+        """(bn, bk), the block the weight was pruned in."""
         return self._config.block
 
     @property
     def activation(self) -> Optional[str]:
+        """None or "relu" (fused into the kernel's epilogue)."""
         return self._config.activation
 
     @property
