@@ -135,7 +135,8 @@ class SemiStructuredLinear(DenseKeptLinear, format="2:4"):
         return 0.5
 
     def _is_compressed(self) -> bool:
-        return type(self.dense.weight.data) is not torch.Tensor and hasattr(self.dense.weight, "to_dense")
+        # a Parameter wrapping a SparseSemiStructuredTensor detaches to that subclass
+        return type(self.dense.weight.detach()) is not torch.Tensor
 
     def _compress(self) -> None:
         if self.dense.weight.is_cuda and not self._is_compressed():
