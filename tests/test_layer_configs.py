@@ -35,6 +35,15 @@ def _two_four_linear():
     return lin
 
 
+def _semi_structured(device="cuda"):
+    # the 2:4 format directly (dispatch="auto" may time it out of the choice)
+    lin = _two_four_linear()
+    w = lin.weight.detach()
+    cfg = BlockSparseConfig("2:4", 128, 64, (64, 32), "bfloat16", True, None,
+                            int(formats.block_mask(w, 64, 32).sum()))
+    return SemiStructuredLinear._from_weight(cfg, w, lin.bias.detach(), torch.device(device))
+
+
 CUDA = torch.cuda.is_available()
 KINDS = {
     "int8-dynamic": lambda: Int8Linear.from_float(nn.Linear(K, N)),
@@ -52,9 +61,11 @@ KINDS = {
     "dense-bf16": lambda: BlockSparseLinear.from_dense(_pruned_linear(), dtype=torch.bfloat16, dispatch="dense"),
     "dense-int8": lambda: BlockSparseLinear.from_dense(_pruned_linear((64, 64)), dtype=torch.int8,
                                                        dispatch="dense", activation="relu"),
-    "2:4": pytest.param(lambda: BlockSparseLinear.from_dense(_two_four_linear().cuda(), dtype=torch.bfloat16,
-                                                             dispatch="auto"),
-                        marks=pytest.mark.skipif(not CUDA, reason="2:4 semi-structured kernels need a GPU")),
+    # off the GPU the 2:4 layer holds its plain weight (computed densely): its state dict,
+    # config and checks are the GPU layer's
+    "2:4-plain-on-cpu": lambda: _semi_structured("cpu"),
+    "2:4": pytest.param(lambda: _semi_structured(), marks=pytest.mark.skipif(
+        not CUDA, reason="2:4 semi-structured kernels need a GPU")),
 }
 KIND_PARAMS = pytest.mark.parametrize("make", list(KINDS.values()), ids=list(KINDS))
 
@@ -266,6 +277,16 @@ def test_load_checks_and_names_the_key(make, edit, match):
         dst.load_state_dict(sd)
     after = dst.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())  # nothing half loaded
+
+
+def test_two_four_pattern_is_checked_on_load():
+    src = _semi_structured("cpu")
+    assert src.density == 0.5
+    sd = src.state_dict()
+    sd["dense.weight"] = sd["dense.weight"].clone()
+    sd["dense.weight"][0, :4] = 1.0
+    with pytest.raises(RuntimeError, match="dense.weight: not 2:4 sparse"):
+        from_config(src.config).load_state_dict(sd)
 
 
 def test_dense_kept_child_weights_are_checked_before_they_load():
