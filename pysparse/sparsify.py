@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import _modules
-from .formats import DEFAULT_BLOCK, INT8_BLOCK, block_mask
+from .formats import block_mask
 from .nn.block_sparse_linear import BlockSparseLinear
 from .prune import block_masks
 from .prune.block import check_block
@@ -34,16 +34,19 @@ def sparsify(model: nn.Module, sparsity: float, block: Optional[tuple[int, int]]
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     sparsity = check_amount(sparsity, "sparsity")
-    if dtype == torch.int8 and block is not None and tuple(check_block(block)) != INT8_BLOCK:
-        raise ValueError(f"int8 blocks are {INT8_BLOCK}, got block={block}")
-    blk = INT8_BLOCK if dtype == torch.int8 else check_block(block or DEFAULT_BLOCK)
+    if block is not None:
+        check_block(block)
     skip = _modules.normalize_skip(skip)
     _modules.check_names_exist(model, skip, "skip")
     layers = _modules.targets(model, skip, replaceable=True)
     if not layers:
         raise ValueError("model has no nn.Linear layer to sparsify (or all are skipped)")
+    # every layer's arguments are checked before any is pruned or converted
+    blocks = {name: BlockSparseLinear.check_args(lin.in_features, lin.out_features, block, dtype, lin.weight.device,
+                                                 dispatch) for name, lin in layers.items()}
 
     def build(name: str, lin: nn.Linear) -> BlockSparseLinear:
+        blk = blocks[name]
         w = lin.weight.detach()
         if 1.0 - block_mask(w, *blk).float().mean().item() < sparsity - 1e-6:
             w = w * block_masks({name: lin}, sparsity, blk)[name].to(w.dtype)
