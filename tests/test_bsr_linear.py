@@ -184,12 +184,12 @@ def test_bsr_grad_x_kernel_matches_float64(isa, block, M, N, K, dtype):
 
 
 @pytest.fixture(params=["0", "1"])
-def bf16_dot(request, monkeypatch):
+def bf16_dot(request):
     """bf16 blocks: the widen-to-fp32 kernels ("0") and VDPBF16PS ("1", where the CPU has it)."""
     if request.param == "1" and not pysparse.cpu_info()["features"]["avx512_bf16"]:
         pytest.skip("CPU has no AVX512-BF16")
-    monkeypatch.setenv("PYSPARSE_CPU_BF16", request.param)
-    return request.param
+    with pysparse.cpu_bf16(request.param == "1"):
+        yield request.param
 
 
 # M = 13 and 20 cross kBf16WidenOnceRows (8): the widen-once path; M = 1, 7 widen per row group
@@ -354,12 +354,10 @@ def test_bsr_int8_rejects_another_n_and_repairs_old_files():
     assert torch.equal(t(x), s(x))
 
 
-def test_bf16_env_bad_value(monkeypatch):
-    monkeypatch.setenv("PYSPARSE_CPU_BF16", "yes")
-    w = pruned_weight(64, 64, 64, 32, 0.5)
-    v, lay = formats.pack_bsr_bf16(w, 64, 32)
-    with pytest.raises(ValueError, match="PYSPARSE_CPU_BF16"):
-        ops.bsr_linear(torch.randn(2, 64), v, lay.row_ptr, lay.col_idx, None, 64, 64)
+def test_bf16_mode_bad_value():
+    with pytest.raises(TypeError, match="set_cpu_bf16: mode must be True, False or None"):
+        pysparse.set_cpu_bf16("yes")
+    assert pysparse.cpu_info()["bf16_mode"] is None  # a refused mode changes nothing
 
 
 def test_block_magnitude_layer_and_global():

@@ -62,14 +62,14 @@ def test_layer_matches_reference(isa, dtype, shape, group_size):
     assert torch.equal(m(x), R.int8_linear(x, q, s, lin.bias.detach(), group_size=group_size))
 
 
-def test_paths_agree_bit_for_bit(monkeypatch):
+def test_paths_agree_bit_for_bit():
     lin = nn.Linear(777, 333)
     m = Int8Linear.from_float(lin)
     x = torch.randn(19, 777)
     outs = {}
     for isa in available_isas():
-        monkeypatch.setenv("PYSPARSE_CPU_ISA", isa)
-        outs[isa] = m(x)
+        with pysparse.cpu_isa(isa):
+            outs[isa] = m(x)
     ref = outs["scalar"]
     for isa, y in outs.items():
         assert torch.equal(y, ref), isa
@@ -253,11 +253,12 @@ def test_bad_arguments():
         ops.int8_mm(torch.randn(2, 64), p, c, 16, 64)
 
 
-def test_bad_isa_env(monkeypatch):
-    monkeypatch.setenv("PYSPARSE_CPU_ISA", "sse9")
-    m = Int8Linear.from_float(nn.Linear(64, 16))
-    with pytest.raises(ValueError, match="PYSPARSE_CPU_ISA"):
-        m(torch.randn(2, 64))
+def test_bad_isa_name():
+    with pytest.raises(ValueError, match="set_cpu_isa: name='sse9' is not one of amx, avx512, avx2, scalar"):
+        pysparse.set_cpu_isa("sse9")
+    with pytest.raises(TypeError, match="name must be a str or None"):
+        pysparse.set_cpu_isa(2)
+    assert pysparse.cpu_info()["isa_cap"] is None  # a refused name changes nothing
 
 
 def test_cpu_info():

@@ -73,7 +73,7 @@ def _quantize_rows_int8(x: torch.Tensor) -> torch.Tensor:
 
 
 def cpu_isas() -> list[str]:
-    """pysparse's CPU paths this machine can run, best first (forced via PYSPARSE_CPU_ISA)."""
+    """pysparse's CPU paths this machine can run, best first (forced via set_cpu_isa; see timing.env_set)."""
     best = pysparse.cpu_info()["best_isa"]
     return list(reversed(ISA_ORDER[: ISA_ORDER.index(best) + 1]))
 
