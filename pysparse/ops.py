@@ -24,14 +24,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 from . import _C  # noqa: F401  (loads the library: schemas + CPU kernels)
 from . import _cuda_ops  # noqa: F401  (Triton kernels for CUDA tensors; registers only)
 from . import _cuda_bsr  # noqa: F401
-from .formats import BsrLayout, bsr_f32_to_dense, int8_blocks_to_kmajor
-
-PACK_N = 64  # csrc/cpu/int8_linear.h kPackN: N padded to the AVX-512 / AMX column chunk
-PACK_K = 64  # kPackK: K padded to one AMX tile of K
-
-
-def _round_up(x: int, m: int) -> int:
-    return (x + m - 1) // m * m
+from .formats import PACK_K, PACK_N, BsrLayout, bsr_f32_to_dense, int8_blocks_to_kmajor
+from .formats import round_up as _round_up
 
 
 def packed_k(K: int, group_size: int) -> int:
