@@ -7,7 +7,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from . import _modules
+from . import _modules, ops
 from .formats import block_mask
 from .nn.block_sparse_linear import BlockSparseLinear
 from .prune import block_masks
@@ -61,15 +61,31 @@ def sparsify(model: nn.Module, sparsity: float, block: Optional[tuple[int, int]]
     return _modules.replace(model, _modules.convert_once(layers, build))
 
 
+def _kernel_of(m: BlockSparseLinear) -> str:
+    """The kernel the dispatch policy runs for this layer now (what cpu_info reports)."""
+    t = next(iter(m.state_dict().values()), None)
+    dev = t.device if isinstance(t, torch.Tensor) else torch.device("cpu")
+    if m.format == "bsr":
+        dt = torch.bfloat16 if m.config.dtype == "bfloat16" else torch.float32
+        return ops.kernel_for(dev, "bsr_linear", dtype=dt, block=m.block)
+    if m.format == "bsr-int8":
+        return ops.kernel_for(dev, "bsr_int8_linear")
+    if m.format == "dense-int8":
+        return ops.kernel_for(dev, "int8_linear")
+    return "aten 2:4" if m.format == "2:4" else "aten F.linear"
+
+
 def plan_report(model: nn.Module) -> str:
-    """A table of every BlockSparseLinear: shape, density, chosen format and the timings
-    behind the choice."""
-    rows = [("layer", "shape (N x K)", "density", "format", "sparse ms", "dense ms", "2:4 ms")]
+    """A table of every BlockSparseLinear: shape, density, chosen format, the kernel it runs now
+    and the timings behind the choice."""
+    rows = [("layer", "shape (N x K)", "density", "format", "kernel", "sparse ms", "dense ms", "2:4 ms")]
     for n, m in model.named_modules():
         if isinstance(m, BlockSparseLinear):
             t = m.timings
             rows.append((n or "<model>", f"{m.out_features} x {m.in_features}", f"{m.density:.3f}", m.format,
-                         f"{t['sparse_ms']:.3f}" if t else "-", f"{t['dense_ms']:.3f}" if t else "-",
+                         _kernel_of(m),
+                         f"{t['sparse_ms']:.3f}" if "sparse_ms" in t else "-",
+                         f"{t['dense_ms']:.3f}" if "dense_ms" in t else "-",
                          f"{t['semi_structured_ms']:.3f}" if "semi_structured_ms" in t else "-"))
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)
