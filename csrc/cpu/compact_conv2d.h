@@ -21,25 +21,27 @@ constexpr int64_t kConvPanel = 16;
 // Pixel chunks handed to the kernels start at multiples of this (the row tiles: scalar 4,
 // AVX2 6, AVX-512 12).
 constexpr int64_t kConvRowAlign = 12;
+constexpr int64_t kConvMaxChunk = 96;  // largest chunk (pixels) the kernels accept
 
 struct CompactConvArgs {
   const float* x;  // input [N][H][W][.] with channel stride 1
   int64_t N, H, W;
   int64_t sN, sH, sW;    // element strides of x
   const int64_t* coff;   // [Cin] kept input channels (in_idx), offsets into a pixel's channels
+  const int64_t* koff;   // [KH*KW*Cin] or nullptr: (kh*dh*sH + kw*dw*sW) + coff[c], k = (kh*KW + kw)*Cin + c
   int64_t Cin;           // kept input channels
   int64_t KH, KW, sh, sw, ph, pw, dh, dw;
   int64_t Ho, Wo;
   const float* w;        // packed weight, layout above
   int64_t Cout;          // kept output channels
-  const float* bias;     // [Cout] or nullptr
+  const float* bias;     // [P * 16] (zero past Cout) or nullptr
   const int64_t* oidx;   // [Cout] output channel of each kept output (distinct, < ldo)
   const float* residual; // [N*Ho*Wo][ldo] or nullptr: out = residual + conv
   float* out;            // [N*Ho*Wo][ldo]: every element is written
   int64_t ldo;           // out_channels (full width)
   bool relu;             // ReLU on every output channel, after the residual add
   const float* zeros;    // >= 1 + max(coff) zeros: the taps that fall in the padding read these
-  int64_t chunk;         // pixels per chunk (multiple of kConvRowAlign): the A/B reuse unit
+  int64_t chunk;         // pixels per chunk (multiple of kConvRowAlign, <= kConvMaxChunk): the A/B reuse unit
 };
 
 // Output pixels [p0, p1) (p = (n * Ho + oh) * Wo + ow), all channels. p0 is a multiple of

@@ -16,6 +16,8 @@ struct Avx2Vec {
   static T load(const float* p) { return _mm256_loadu_ps(p); }
   static T bcast(const float* p) { return _mm256_broadcast_ss(p); }
   static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static T relu(T v) { return _mm256_max_ps(_mm256_setzero_ps(), v); }  // NaN: the second operand
   static void store(float* p, T v) { _mm256_store_ps(p, v); }
 };
 }  // namespace

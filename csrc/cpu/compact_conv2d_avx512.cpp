@@ -17,6 +17,8 @@ struct Avx512Vec {
   static T load(const float* p) { return _mm512_loadu_ps(p); }
   static T bcast(const float* p) { return _mm512_set1_ps(*p); }
   static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static T relu(T v) { return _mm512_max_ps(_mm512_setzero_ps(), v); }  // NaN: the second operand
   static void store(float* p, T v) { _mm512_store_ps(p, v); }
 };
 }  // namespace

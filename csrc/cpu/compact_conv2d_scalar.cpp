@@ -16,6 +16,8 @@ struct ScalarVec {
   static T load(const float* p) { return *p; }
   static T bcast(const float* p) { return *p; }
   static T fma(T a, T b, T c) { return std::fmaf(a, b, c); }
+  static T add(T a, T b) { return a + b; }
+  static T relu(T v) { return conv_detail::relu_keep_nan(v); }
   static void store(float* p, T v) { *p = v; }
 };
 }  // namespace

@@ -98,9 +98,21 @@ Tensor compact_conv2d(const Tensor& x, const Tensor& weight, const std::optional
   // The kernel reads channels at stride 1; any other layout (NCHW) is copied once.
   Tensor xc = x.stride(1) == 1 || C <= 1 ? x : x.contiguous(at::MemoryFormat::ChannelsLast);
   std::vector<float> zeros(size_t(std::max<int64_t>(C, 1)), 0.f);
-  cpu::CompactConvArgs a{xc.data_ptr<float>(), N, H, W, xc.stride(0), xc.stride(2), xc.stride(3), ii.data(), Cin,
+  // bias padded to whole panels: the tiles add it in registers, 16 columns at a time
+  std::vector<float> biasp;
+  if (bias) {
+    biasp.assign(size_t(weight.size(0) * cpu::kConvPanel), 0.f);
+    std::copy(bias->data_ptr<float>(), bias->data_ptr<float>() + Cout, biasp.begin());
+  }
+  std::vector<int64_t> koff(size_t(KH * KW * Cin));
+  for (int64_t kh = 0; kh < KH; ++kh)
+    for (int64_t kw = 0; kw < KW; ++kw)
+      for (int64_t c = 0; c < Cin; ++c)
+        koff[(kh * KW + kw) * Cin + c] = kh * dh * xc.stride(2) + kw * dw * xc.stride(3) + ii[c];
+  cpu::CompactConvArgs a{xc.data_ptr<float>(), N, H, W, xc.stride(0), xc.stride(2), xc.stride(3), ii.data(),
+                         koff.data(), Cin,
                          KH, KW, sh, sw, ph, pw, dh, dw, Ho, Wo, weight.data_ptr<float>(), Cout,
-                         bias ? bias->data_ptr<float>() : nullptr, oi.data(), res.defined() ? res.data_ptr<float>() : nullptr,
+                         bias ? biasp.data() : nullptr, oi.data(), res.defined() ? res.data_ptr<float>() : nullptr,
                          out.data_ptr<float>(), out_channels, relu, zeros.data(), 0};
   const Isa isa = ops::isa_now();
   auto fn = isa >= Isa::Avx512 ? cpu::compact_conv2d_f32_avx512
@@ -115,7 +127,7 @@ Tensor compact_conv2d(const Tensor& x, const Tensor& weight, const std::optional
   // Chunk: 96 pixels (8 tiles of 12, 16 AVX2 tiles of 6) share each panel pass's weights
   // from L1/L2 and their row addresses; smaller only when a thread has fewer pixels.
   const int64_t per = (tiles + T - 1) / T * A;
-  a.chunk = std::min<int64_t>(96, per);
+  a.chunk = std::min<int64_t>(cpu::kConvMaxChunk, per);
   const int64_t nrows = a.chunk * KH * KW;
   std::vector<const float*> rows(size_t(T * nrows));
   at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
