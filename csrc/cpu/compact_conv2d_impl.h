@@ -148,34 +148,63 @@ void run(const CompactConvArgs& a, int64_t p0, int64_t p1, const float** rows) {
   const int64_t taps = a.KH * a.KW, P = (a.Cout + kConvPanel - 1) / kConvPanel;
   const int64_t pstride = taps * a.Cin * kConvPanel;
   const int64_t HoWo = a.Ho * a.Wo;
-  alignas(64) float tmp[MR * NBMAX * kConvPanel];
+  // Two result buffers: a tile's scatter runs after the next tile's FMAs, so its scalar
+  // loads never wait on the vector stores that just wrote them (store-to-load forwarding
+  // from a 32-byte store to a 4-byte load at an offset fails and stalls).
+  alignas(64) float tmp[2][MR * NBMAX * kConvPanel];
+  struct Pending {
+    int64_t p = -1, m = 0, n0 = 0, nn = 0, ld = 0;
+    const float* t = nullptr;
+  } pend;
+  int cur = 0;
   bool flat[kConvMaxChunk / MR];  // per tile of the chunk: every tap of every real row inside x
   for (int64_t c0 = p0; c0 < p1; c0 += a.chunk) {
     const int64_t c1 = std::min(p1, c0 + a.chunk);
     fill_rows(a, c0, c1);
     if (P == 0) continue;
     const int64_t ntiles = (c1 - c0 + MR - 1) / MR;
-    for (int64_t ti = 0; ti < ntiles; ++ti)
-      for (int r = 0; r < MR; ++r) {
-        const int64_t p = c0 + ti * MR + r;
-        const float** dst = rows + ti * taps * MR + r;
-        if (r == 0) flat[ti] = a.koff != nullptr;
-        if (p >= c1) {  // rows past the chunk: computed on row 0's input (valid memory), never stored
-          for (int64_t t = 0; t < taps; ++t) dst[t * MR] = dst[t * MR - r];
+    // Row addresses. (n, oh, ow) of the chunk's first pixel, then stepped (three 64-bit
+    // divisions per pixel cost ~20% of a 1x1 tile); a tile whose every tap of every row is
+    // inside x runs the flat K loop and needs only tap 0's addresses (per-tap addresses for
+    // all 9 taps cost ~15% of a 3x3 tile with 32 kept inputs).
+    int64_t n = c0 / HoWo, oh = (c0 % HoWo) / a.Wo, ow = c0 % a.Wo;
+    const int64_t hspan = (a.KH - 1) * a.dh, wspan = (a.KW - 1) * a.dw;
+    for (int64_t ti = 0; ti < ntiles; ++ti) {
+      const float** dt = rows + ti * taps * MR;
+      const int m = int(std::min<int64_t>(MR, c1 - c0 - ti * MR));
+      int64_t ih0[MR], iw0[MR];
+      const float* xn[MR];
+      bool inside = a.koff != nullptr;
+      for (int r = 0; r < m; ++r) {
+        ih0[r] = oh * a.sh - a.ph;
+        iw0[r] = ow * a.sw - a.pw;
+        xn[r] = a.x + n * a.sN;
+        inside = inside && ih0[r] >= 0 && ih0[r] + hspan < a.H && iw0[r] >= 0 && iw0[r] + wspan < a.W;
+        if (++ow == a.Wo) {
+          ow = 0;
+          if (++oh == a.Ho) oh = 0, ++n;
+        }
+      }
+      flat[ti] = inside;
+      const int64_t nt = inside ? 1 : taps;
+      for (int r = 0; r < m; ++r) {
+        if (inside) {
+          dt[r] = xn[r] + ih0[r] * a.sH + iw0[r] * a.sW;
           continue;
         }
-        const int64_t n = p / HoWo, oh = (p % HoWo) / a.Wo, ow = p % a.Wo;
-        const float* xn = a.x + n * a.sN;
         for (int64_t kh = 0; kh < a.KH; ++kh) {
-          const int64_t ih = oh * a.sh - a.ph + kh * a.dh;
+          const int64_t ih = ih0[r] + kh * a.dh;
           for (int64_t kw = 0; kw < a.KW; ++kw) {
-            const int64_t iw = ow * a.sw - a.pw + kw * a.dw;
+            const int64_t iw = iw0[r] + kw * a.dw;
             const bool in = ih >= 0 && ih < a.H && iw >= 0 && iw < a.W;
-            dst[(kh * a.KW + kw) * MR] = in ? xn + ih * a.sH + iw * a.sW : a.zeros;
-            flat[ti] = flat[ti] && in;
+            dt[(kh * a.KW + kw) * MR + r] = in ? xn[r] + ih * a.sH + iw * a.sW : a.zeros;
           }
         }
       }
+      // rows past the chunk: computed on row 0's input (valid memory), never stored
+      for (int r = m; r < MR; ++r)
+        for (int64_t t = 0; t < nt; ++t) dt[t * MR + r] = dt[t * MR];
+    }
     // Panels in blocks whose weights fit half of L1 (16 KB; Zen 3 and Intel cores have 32-48
     // KB), tile-outer within a block: a tile's input rows stay in L1 across the block's
     // passes while the block's weights stay in L1 across the tiles (1x1 256->64 at 50%: two
@@ -195,17 +224,23 @@ void run(const CompactConvArgs& a, int64_t p0, int64_t p1, const float** rows) {
           const float* wp = a.w + g * pstride;
           const int64_t n0 = g * kConvPanel, nn = std::min(nb * kConvPanel, a.Cout - n0);
           const float* bias = a.bias ? a.bias + n0 : nullptr;
+          float* t = tmp[cur];
           if (flat[ti]) {
-            if (NBMAX >= 2 && nb == 2) tile<V, MR, NBMAX, true>(a, rt, wp, pstride, bias, relu_in_tile, tmp);
-            else tile<V, MR, 1, true>(a, rt, wp, pstride, bias, relu_in_tile, tmp);
+            if (NBMAX >= 2 && nb == 2) tile<V, MR, NBMAX, true>(a, rt, wp, pstride, bias, relu_in_tile, t);
+            else tile<V, MR, 1, true>(a, rt, wp, pstride, bias, relu_in_tile, t);
           } else {
-            if (NBMAX >= 2 && nb == 2) tile<V, MR, NBMAX, false>(a, rt, wp, pstride, bias, relu_in_tile, tmp);
-            else tile<V, MR, 1, false>(a, rt, wp, pstride, bias, relu_in_tile, tmp);
+            if (NBMAX >= 2 && nb == 2) tile<V, MR, NBMAX, false>(a, rt, wp, pstride, bias, relu_in_tile, t);
+            else tile<V, MR, 1, false>(a, rt, wp, pstride, bias, relu_in_tile, t);
           }
-          epilogue(a, p, std::min<int64_t>(MR, c1 - p), n0, nn, tmp, nb * kConvPanel);
+          if (pend.t) epilogue(a, pend.p, pend.m, pend.n0, pend.nn, pend.t, pend.ld);
+          pend = {p, std::min<int64_t>(MR, c1 - p), n0, nn, nb * kConvPanel, t};
+          cur ^= 1;
         }
       }
     }
+    // the chunk's last tile (the next chunk's fill_rows must not run before its scatter)
+    if (pend.t) epilogue(a, pend.p, pend.m, pend.n0, pend.nn, pend.t, pend.ld);
+    pend.t = nullptr;
   }
 }
 
