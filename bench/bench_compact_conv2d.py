@@ -10,6 +10,10 @@ Contenders (all float32, channels_last, torch's thread count):
   torch_gather  index_select + F.conv2d + index_copy_ into a zeroed full-width output
   dense_full    F.conv2d of the unpruned layer (context: what the compaction saves)
 Targets (issue 8): pysparse >= 0.8x the speed of dense_kept and >= 1.5x torch_gather's.
+Where torch_gather's gather + scatter cost less than half of dense_kept's conv (compute-bound
+shapes: 14x14 256->256 3x3), 1.5x would mean beating oneDNN itself by > 1.3x: read both ratios.
+With other processes on the 2 cores (load > 2), 2-thread medians measure the scheduler (every
+contender 15-40 ms); take --threads 1 ratios then, and 2-thread ones on a quiet machine.
 """
 from __future__ import annotations
 
