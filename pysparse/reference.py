@@ -108,3 +108,22 @@ def bsr_int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, b
     if relu:
         y = torch.relu(y)
     return y.to(x.dtype)
+
+
+def compact_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], in_idx: torch.Tensor,
+                   out_idx: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int],
+                   dilation: tuple[int, int], out_channels: int, residual: Optional[torch.Tensor] = None,
+                   relu: bool = False) -> torch.Tensor:
+    """Reference of pysparse::compact_conv2d from the unpacked weight [Cout_kept, Cin_kept, kh, kw]:
+    gather (index_select) + F.conv2d + scatter (index_add into zeros or the residual), then ReLU
+    on every channel. Computes in x's dtype (pass float64 for an oracle); channels_last output.
+    """
+    xg = x.index_select(1, in_idx.long())
+    y = torch.nn.functional.conv2d(xg, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
+                                   tuple(stride), tuple(padding), tuple(dilation))
+    n, _, ho, wo = y.shape
+    out = x.new_zeros(n, out_channels, ho, wo) if residual is None else residual.to(x.dtype).clone()
+    out.index_add_(1, out_idx.long(), y)
+    if relu:
+        out = torch.relu(out)
+    return out.contiguous(memory_format=torch.channels_last)

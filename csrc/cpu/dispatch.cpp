@@ -145,6 +145,8 @@ Kernel kernel_path(Op op, const OpShape& s, const Policy& p) {
       return f32;
     case Op::BsrLinearGradValues:
       return f32;
+    case Op::CompactConv2d:
+      return f32;  // fp32 FMA micro-kernels: scalar, AVX2 (6 px x 16 ch), AVX-512 (12 px x 32 ch)
   }
   return Kernel::Scalar;
 }
@@ -178,7 +180,7 @@ const char* kernel_name(Kernel k) {
 
 namespace {
 constexpr const char* kOpNames[] = {"int8_linear", "int8_mm", "bsr_linear", "bsr_linear_grad_x",
-                                    "bsr_linear_grad_values", "bsr_int8_linear"};
+                                    "bsr_linear_grad_values", "bsr_int8_linear", "compact_conv2d"};
 }
 
 const char* op_name(Op op) { return kOpNames[int(op)]; }

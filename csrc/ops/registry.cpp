@@ -36,6 +36,13 @@ TORCH_LIBRARY(pysparse, m) {
   m.def(
       "bsr_int8_linear(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor colsum, "
       "Tensor w_scale, Tensor? bias, Tensor? x_scale, int N, int K, bool relu=False) -> Tensor");
+  // Compacted convolution (groups=1), float32, NHWC: reads input channels in_idx of x, writes
+  // output channels out_idx of a full-width [N, out_channels, Ho, Wo] channels_last output
+  // (others 0, or residual + conv), ReLU on all channels after the add; weight packed
+  // [ceil(Cout/16), kh, kw, Cin_kept, 16] (pysparse/ops_conv.py). Inference only.
+  m.def(
+      "compact_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor in_idx, Tensor out_idx, int[2] stride, "
+      "int[2] padding, int[2] dilation, int out_channels, Tensor? residual=None, bool relu=False) -> Tensor");
 }
 
 namespace {

@@ -1,0 +1,107 @@
+"""pysparse::compact_conv2d on the Python side: the weight packing, the fake kernel and the
+typed wrapper (the schema is in csrc/ops/registry.cpp, the CPU kernel in
+csrc/ops/compact_conv2d.cpp and csrc/cpu/compact_conv2d_*.cpp).
+
+A compacted convolution reads only the kept input channels of a full-width NHWC activation
+(by index, inside the kernel) and writes only the kept output channels of a full-width NHWC
+output (by index, in the kernel's epilogue), optionally adding into a residual and applying
+ReLU, so a pruned layer whose channels cannot be removed physically (a residual sum whose
+members were pruned differently) still costs only its kept MACs.
+
+Inference only: the op has no backward (calling backward through it raises).
+groups=1 only: grouped and depthwise convolutions are compacted physically (their channels
+are sliced away by pysparse.compact) and run through the dense convolution.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library: schemas + CPU kernels)
+
+CONV_PANEL = 16  # csrc/cpu/compact_conv2d.h kConvPanel: output channels per weight panel
+
+
+def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Output length of a convolution along one dimension (as torch.nn.Conv2d)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def pack_compact_conv2d_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Pack a conv weight [Cout_kept, Cin_kept, kh, kw] for pysparse::compact_conv2d.
+
+    Returns float32 [ceil(Cout_kept / 16), kh, kw, Cin_kept, 16], contiguous: panels of 16
+    output channels, K ordered (kh, kw, cin) as the kernel walks an NHWC input, output
+    channels fastest (one zmm / two ymm per k). Columns past Cout_kept are zero. Done once,
+    at layer construction; any device.
+    """
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be [Cout, Cin, kh, kw], got shape {tuple(weight.shape)}")
+    co, ci, kh, kw = weight.shape
+    P = -(-co // CONV_PANEL)
+    w = torch.zeros(P * CONV_PANEL, ci, kh, kw, dtype=torch.float32, device=weight.device)
+    w[:co] = weight.detach().float()
+    return w.view(P, CONV_PANEL, ci, kh, kw).permute(0, 3, 4, 2, 1).contiguous()
+
+
+def unpack_compact_conv2d_weight(packed: torch.Tensor, cout: int) -> torch.Tensor:
+    """Inverse of pack_compact_conv2d_weight: [P, kh, kw, Cin, 16] -> [cout, Cin, kh, kw]."""
+    P, kh, kw, ci, _ = packed.shape
+    return packed.permute(0, 4, 3, 1, 2).reshape(P * CONV_PANEL, ci, kh, kw)[:cout]
+
+
+@torch.library.register_fake("pysparse::compact_conv2d")
+def _compact_conv2d_fake(x, weight, bias, in_idx, out_idx, stride, padding, dilation, out_channels: int,
+                         residual=None, relu: bool = False):
+    torch._check(x.dim() == 4 and x.dtype == torch.float32,
+                 lambda: f"compact_conv2d: x must be a 4-D float32 tensor, got {x.dtype} {tuple(x.shape)}")
+    torch._check(weight.dim() == 5 and weight.shape[4] == CONV_PANEL,
+                 lambda: f"compact_conv2d: weight must be packed [P, kh, kw, Cin, 16], got {tuple(weight.shape)}")
+    torch._check(in_idx.dim() == 1 and in_idx.shape[0] == weight.shape[3],
+                 lambda: f"compact_conv2d: in_idx must hold {weight.shape[3]} indices")
+    torch._check(out_idx.dim() == 1 and weight.shape[0] == (out_idx.shape[0] + CONV_PANEL - 1) // CONV_PANEL,
+                 lambda: "compact_conv2d: out_idx must list one output channel per kept output")
+    n, _, h, w = x.shape
+    ho = conv_out_size(h, weight.shape[1], stride[0], padding[0], dilation[0])
+    wo = conv_out_size(w, weight.shape[2], stride[1], padding[1], dilation[1])
+    torch._check(ho > 0 and wo > 0, lambda: "compact_conv2d: x is smaller than the dilated kernel")
+    if residual is not None:
+        torch._check(tuple(residual.shape) == (n, out_channels, ho, wo),
+                     lambda: f"compact_conv2d: residual must have the output's shape {(n, out_channels, ho, wo)}")
+    return torch.empty((n, out_channels, ho, wo), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
+
+
+def _compact_conv2d_setup_context(ctx, inputs, output):
+    pass
+
+
+def _compact_conv2d_backward(ctx, grad):
+    raise RuntimeError(
+        "pysparse::compact_conv2d is an inference op and has no backward: fine-tune the masked nn.Conv2d "
+        "(pysparse.prune), then convert it with CompactConv2d.from_masked")
+
+
+torch.library.register_autograd("pysparse::compact_conv2d", _compact_conv2d_backward,
+                                setup_context=_compact_conv2d_setup_context)
+
+
+def compact_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], in_idx: torch.Tensor,
+                   out_idx: torch.Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                   out_channels: int, residual: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
+    """Compacted convolution (groups=1, float32, inference only).
+
+    x: [N, C_in_full, H, W] float32, best in channels_last memory (read in place; any other
+    layout is copied to channels_last first). weight: packed by pack_compact_conv2d_weight
+    from [Cout_kept, Cin_kept, kh, kw]. in_idx: int32/int64 [Cin_kept], the input channels
+    read (in [0, C_in_full)). out_idx: int32/int64 [Cout_kept], distinct output channels in
+    [0, out_channels). bias: float32 [Cout_kept] or None.
+
+    Returns float32 [N, out_channels, Ho, Wo] in channels_last: out[:, out_idx] =
+    conv(x[:, in_idx]) + bias and every other channel 0; with ``residual`` (that shape),
+    out = residual + the scattered conv; with ``relu``, ReLU on every channel after the add
+    (as a ResNet block's add + ReLU: untouched channels are relu(residual)).
+    """
+    return torch.ops.pysparse.compact_conv2d(x, weight, bias, in_idx, out_idx, list(stride), list(padding),
+                                             list(dilation), out_channels, residual, relu)
