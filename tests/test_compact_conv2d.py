@@ -70,7 +70,7 @@ def test_matches_float64_reference(isa, shape):
                 assert torch.equal(y[:, rest], want[:, rest])
 
 
-def test_all_isa_paths_agree_bit_for_bit(monkeypatch):
+def test_all_isa_paths_agree_bit_for_bit():
     # One fused multiply-add per k in the same order on every path (scalar: std::fmaf)
     from .conftest import available_isas
 
@@ -78,8 +78,8 @@ def test_all_isa_paths_agree_bit_for_bit(monkeypatch):
     wp = ops_conv.pack_compact_conv2d_weight(w)
     outs = {}
     for isa in available_isas():
-        monkeypatch.setenv("PYSPARSE_CPU_ISA", isa)
-        outs[isa] = ops_conv.compact_conv2d(x, wp, b, ii, oi, (2, 1), (1, 1), (1, 1), 50, None, True)
+        with pysparse.cpu_isa(isa):
+            outs[isa] = ops_conv.compact_conv2d(x, wp, b, ii, oi, (2, 1), (1, 1), (1, 1), 50, None, True)
     first = next(iter(outs.values()))
     for isa, y in outs.items():
         assert torch.equal(y, first), isa
