@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+import pysparse
 from pysparse import ops_conv, reference as R
 from pysparse.nn import CompactConv2d
 
