@@ -80,7 +80,7 @@ class ResNet(nn.Module):
         super().__init__()
         self.inplanes = width
         self.groups, self.base_width = groups, width_per_group
-        if small_input:  # 3x3 stem, no max pool: the stages still see a few pixels on 32x32 images
+        if small_input:  # 3x3 stem, no max pool: the last stage still sees a few pixels on 16x16 images
             self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
             self.maxpool = nn.Identity()
         else:
@@ -112,7 +112,7 @@ class ResNet(nn.Module):
 
 
 def resnet_basic(width: int = 8, num_classes: int = 10) -> ResNet:
-    """A ResNet-10-like (basic blocks, one per stage... two in the first), for 32x32 images."""
+    """A small basic-block ResNet (two blocks in the first stage, one after), for small images."""
     return ResNet(BasicBlock, (2, 1, 1), width, num_classes, small_input=True)
 
 
@@ -215,14 +215,14 @@ class FlattenHead(nn.Module):
     """A VGG-like net whose last map is flattened into a Linear (each channel owns H*W
     inputs of fc1), through x.view(x.size(0), -1); convs with bias and a Linear + BN1d."""
 
-    def __init__(self, num_classes: int = 10, width: int = 8):
+    def __init__(self, num_classes: int = 10, width: int = 8, image: int = 16):
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 3, padding=1)
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, width * 2, 3, padding=1)
         self.bn2 = nn.BatchNorm2d(width * 2)
         self.pool = nn.MaxPool2d(2)
-        self.fc1 = nn.Linear(width * 2 * 4 * 4, 32)
+        self.fc1 = nn.Linear(width * 2 * (image // 8) ** 2, 32)  # three 2x2 max pools
         self.bn3 = nn.BatchNorm1d(32)
         self.fc2 = nn.Linear(32, num_classes)
 
@@ -260,6 +260,26 @@ class SplitNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class UNetLike(nn.Module):
+    """An encoder-decoder with a ConvTranspose2d upsampling and a skip concatenation; the
+    output is a map (its channels are the model's output)."""
+
+    def __init__(self, width: int = 8, out: int = 2):
+        super().__init__()
+        self.enc1 = conv_bn(3, width)
+        self.enc2 = conv_bn(width, width * 2, stride=2)
+        self.up = nn.ConvTranspose2d(width * 2, width, 2, stride=2)
+        self.up_bn = nn.BatchNorm2d(width)
+        self.dec = conv_bn(width * 2, width)
+        self.head = nn.Conv2d(width, out, 1)
+
+    def forward(self, x):
+        a = self.enc1(x)
+        b = self.enc2(a)
+        u = F.relu(self.up_bn(self.up(b)))
+        return self.head(self.dec(torch.cat([u, a], 1)))
+
+
 ZOO = {
     "resnet_basic": lambda: resnet_basic(),
     "resnet_bottleneck": lambda: resnet_bottleneck(),
@@ -268,8 +288,9 @@ ZOO = {
     "densenet": lambda: DenseNet(),
     "flatten_head": lambda: FlattenHead(),
     "splitnet": lambda: SplitNet(),
+    "unet": lambda: UNetLike(),
 }
-IMAGE = (2, 3, 32, 32)  # batch 2 (BatchNorm1d in train mode needs > 1), 32x32
+IMAGE = (2, 3, 16, 16)  # batch 2 (BatchNorm1d in train mode needs > 1), 16x16: seconds on 2 busy cores
 
 
 @torch.no_grad()
@@ -284,7 +305,7 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
             m.running_var.copy_(torch.rand(n, generator=g) * 0.8 + 0.4)
             m.weight.copy_(torch.rand(n, generator=g) * 0.8 + 0.6)
             m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-        elif isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
+        elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) and m.bias is not None:
             m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
     return model
 
