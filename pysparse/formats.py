@@ -20,6 +20,12 @@ import torch
 
 from .reference import quantize_weight
 
+# fp32 CPU kernel block: 64 outputs (4 zmm of accumulators per row) x 32 inputs. Swept
+# (16|32|64) x (16|32|64) at K = N = 4096, density 0.1 (bench/bench_bsr_linear.py):
+# bn = 64 keeps 24 accumulators in registers; bk = 32 amortizes the per-block setup.
+DEFAULT_BLOCK = (64, 32)
+PACK_N = 64  # csrc/cpu/int8_linear.h kPackN: N padded to the AVX-512 / AMX column chunk
+PACK_K = 64  # kPackK: K padded to one AMX tile of K
 INT8_BLOCK = (64, 64)  # csrc/cpu/bsr_linear.h kBsrI8Block: one 64-column VNNI chunk x one AMX K tile
 # colsum's padding columns hold this (no real column sum can): the ops check N against it.
 COLSUM_PAD = torch.iinfo(torch.int32).min
@@ -52,6 +58,12 @@ def _blocks(w: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
 def block_mask(w: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
     """Bool [R, KB]: which blocks of W hold any nonzero."""
     return _blocks(w, bn, bk).ne(0).flatten(2).any(-1)
+
+
+def expand_block_mask(mask: torch.Tensor, N: int, K: int, bn: int, bk: int) -> torch.Tensor:
+    """Block mask [R, KB] -> element mask [N, K] (each block's value over its bn x bk elements)."""
+    R, KB = mask.shape
+    return mask[:, None, :, None].expand(-1, bn, -1, bk).reshape(R * bn, KB * bk)[:N, :K]
 
 
 def _layout(mask: torch.Tensor, N: int, K: int, bn: int, bk: int) -> BsrLayout:
@@ -137,7 +149,7 @@ def pack_bsr_int8(w: torch.Tensor, q: Optional[torch.Tensor] = None,
     mask = block_mask(w, bn, bk)
     # Keep only the stored blocks of q: the column sums (VNNI compensation) and the
     # reference must see exactly what the kernel multiplies.
-    em = mask[:, None, :, None].expand(-1, bn, -1, bk).reshape(mask.shape[0] * bn, mask.shape[1] * bk)[:N, :K]
+    em = expand_block_mask(mask, N, K, bn, bk)
     q = (q.cpu() * em).to(torch.int8)
     layout = _layout(mask, N, K, bn, bk)
     qb = _blocks(q, bn, bk)[mask]  # [nnzb, 64 n, 64 k]

@@ -1,31 +1,14 @@
 """Model conversion: quantize_int8 swaps a model's nn.Linear layers for Int8Linear."""
 from __future__ import annotations
 
-import fnmatch
 from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
 
+from . import _modules
+from .formats import PACK_K
 from .nn import Int8Linear
-
-
-def _skipped(name: str, skip: Iterable[str]) -> bool:
-    # A pattern skips a layer by exact name, by glob ("*.head") or as a prefix ("encoder.").
-    return any(name == p or fnmatch.fnmatch(name, p) or (p.endswith(".") and name.startswith(p))
-               for p in skip)
-
-
-def _linears(model: nn.Module, skip: Iterable[str]) -> dict[str, nn.Linear]:
-    """Every place (name) an nn.Linear sits, a module used twice under each of its names."""
-    return {n: m for n, m in model.named_modules(remove_duplicate=False)
-            if type(m) is nn.Linear and not _skipped(n, skip)}
-
-
-def _replace(model: nn.Module, converted: dict[str, nn.Module]) -> None:
-    for name, new in converted.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 @torch.no_grad()
@@ -89,6 +72,10 @@ def quantize_int8(model: nn.Module, *, activations: str = "dynamic", calibration
 
     A bare nn.Linear is returned converted (it cannot be replaced in place).
     """
+    # Every argument is checked, and every layer converted, before the model changes: on any
+    # error the model is as it was.
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if activations not in ("dynamic", "static"):
         raise ValueError(f"activations must be 'dynamic' or 'static', got {activations!r}")
     if smoothquant_alpha is not None and not (0.0 <= float(smoothquant_alpha) <= 1.0):
@@ -96,17 +83,17 @@ def quantize_int8(model: nn.Module, *, activations: str = "dynamic", calibration
     needs_data = activations == "static" or smoothquant_alpha is not None
     if needs_data and calibration_data is None:
         raise ValueError("calibration_data is required for activations='static' or smoothquant_alpha")
-    if isinstance(skip, str):
-        skip = (skip,)
-    skip = tuple(skip)
-    layers = _linears(model, skip)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0 or group_size % PACK_K:
+        raise ValueError(f"group_size must be 0 (per output channel) or a positive multiple of {PACK_K}, "
+                         f"got {group_size!r}")
+    skip = _modules.normalize_skip(skip)
+    _modules.check_names_exist(model, skip, "skip")
+    layers = _modules.targets(model, skip, replaceable=True)
+    if not layers:
+        raise ValueError("model has no nn.Linear layer to quantize (or all are skipped)")
     amax = _calibrate(model, layers, calibration_data) if needs_data else {}
-    converted: dict[str, Int8Linear] = {}
-    done: dict[int, Int8Linear] = {}  # a module used under several names converts once
-    for name, lin in layers.items():
-        if id(lin) in done:
-            converted[name] = done[id(lin)]
-            continue
+
+    def build(name: str, lin: nn.Linear) -> Int8Linear:
         smooth = None
         x_scale = None
         if smoothquant_alpha is not None:
@@ -118,9 +105,8 @@ def quantize_int8(model: nn.Module, *, activations: str = "dynamic", calibration
             xm = amax[name] / smooth if smooth is not None else amax[name]
             top = float(xm.max()) if xm.numel() else 0.0
             x_scale = top / 127.0 if top > 0 else 1.0
-        converted[name] = done[id(lin)] = Int8Linear.from_float(lin, group_size=group_size, activations=activations,
-                                                                x_scale=x_scale, smooth=smooth)
-    if "" in converted:  # the model is itself a Linear
-        return converted[""]
-    _replace(model, converted)
-    return model
+        return Int8Linear.from_float(lin, group_size=group_size, activations=activations, x_scale=x_scale,
+                                     smooth=smooth)
+
+    # a module used under several names converts once; a bare nn.Linear is returned converted
+    return _modules.replace(model, _modules.convert_once(layers, build))

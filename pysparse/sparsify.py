@@ -7,10 +7,12 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from . import prune
-from .formats import INT8_BLOCK, block_mask
+from . import _modules
+from .formats import DEFAULT_BLOCK, INT8_BLOCK, block_mask
 from .nn.block_sparse_linear import BlockSparseLinear
-from .quantize import _linears, _replace
+from .prune import block_masks
+from .prune.block import check_block
+from .prune.selection import check_amount
 
 
 def sparsify(model: nn.Module, sparsity: float, block: Optional[tuple[int, int]] = None,
@@ -18,35 +20,42 @@ def sparsify(model: nn.Module, sparsity: float, block: Optional[tuple[int, int]]
     """Prune ``model``'s nn.Linear layers to ``sparsity`` (fraction of zero blocks) where
     they are not already that sparse, and convert them to BlockSparseLinear, in place.
 
-    block: the pruning and kernel block (None: the kernel's choice; int8 uses 64 x 64).
-    dtype: None/torch.float32, torch.bfloat16 or torch.int8 block values (see
-    BlockSparseLinear.from_dense; torch.float16 on a GPU). skip: names/globs/prefixes to
+    sparsity: in [0, 1). block: the pruning and kernel block (None: the kernel's choice;
+    int8 uses 64 x 64). dtype: None/torch.float32, torch.bfloat16 or torch.int8 block values
+    (see BlockSparseLinear.from_dense; torch.float16 on a GPU). skip: names/globs/prefixes to
     leave alone. dispatch: "auto" keeps dense where the sparse kernel is not faster.
+    Linear layers whose parent reads their weight directly (nn.MultiheadAttention's out_proj)
+    cannot be replaced and are left as they are (``pysparse.prune.block_magnitude`` masks them).
+
+    Every argument is checked and every layer converted before the model changes; the original
+    Linear layers are never pruned in place, so on any error the model is exactly as it was.
     Returns the model (a bare nn.Linear is returned converted).
     """
-    if isinstance(skip, str):
-        skip = (skip,)
-    skip = tuple(skip)
-    if dtype == torch.int8 and block is not None and tuple(block) != INT8_BLOCK:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    sparsity = check_amount(sparsity, "sparsity")
+    if dtype == torch.int8 and block is not None and tuple(check_block(block)) != INT8_BLOCK:
         raise ValueError(f"int8 blocks are {INT8_BLOCK}, got block={block}")
-    blk = INT8_BLOCK if dtype == torch.int8 else tuple(block or prune.DEFAULT_BLOCK)
-    layers = _linears(model, skip)
+    blk = INT8_BLOCK if dtype == torch.int8 else check_block(block or DEFAULT_BLOCK)
+    skip = _modules.normalize_skip(skip)
+    _modules.check_names_exist(model, skip, "skip")
+    layers = _modules.targets(model, skip, replaceable=True)
     if not layers:
         raise ValueError("model has no nn.Linear layer to sparsify (or all are skipped)")
-    done: dict[int, BlockSparseLinear] = {}  # a module used under several names converts once
-    converted = {}
-    for name, lin in layers.items():
-        if id(lin) not in done:
-            mask = block_mask(lin.weight.detach(), *blk)
-            if 1.0 - mask.float().mean().item() < sparsity - 1e-6:
-                prune.block_magnitude(lin, sparsity, block=blk)
-            prune.remove(lin)
-            done[id(lin)] = BlockSparseLinear.from_dense(lin, block=blk, dtype=dtype, dispatch=dispatch)
-        converted[name] = done[id(lin)]
-    if "" in converted:
-        return converted[""]
-    _replace(model, converted)
-    return model
+
+    def build(name: str, lin: nn.Linear) -> BlockSparseLinear:
+        w = lin.weight.detach()
+        if 1.0 - block_mask(w, *blk).float().mean().item() < sparsity - 1e-6:
+            w = w * block_masks({name: lin}, sparsity, blk)[name].to(w.dtype)
+        # a pruned copy: the user's layer is untouched until every layer has converted
+        pruned = nn.Linear(lin.in_features, lin.out_features, lin.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            pruned.weight.copy_(w)
+            if lin.bias is not None:
+                pruned.bias.copy_(lin.bias.detach())
+        return BlockSparseLinear.from_dense(pruned, block=blk, dtype=dtype, dispatch=dispatch)
+
+    return _modules.replace(model, _modules.convert_once(layers, build))
 
 
 def plan_report(model: nn.Module) -> str:

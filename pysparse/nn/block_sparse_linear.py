@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import formats, ops
-from ..prune import DEFAULT_BLOCK
+from ..formats import DEFAULT_BLOCK
 from .int8_linear import Int8Linear
 
 FORMATS = ("bsr", "bsr-int8", "dense", "dense-int8", "2:4")

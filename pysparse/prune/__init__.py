@@ -1,0 +1,16 @@
+"""Pruning: criteria (``criteria``), choosing what to remove (``selection``), masks that cannot
+regrow (``masks``, torch.nn.utils.parametrize), and the pruning calls:
+
+- ``block_magnitude`` / ``semi_structured``: blocks or 2:4 groups of Linear weights, in the
+  shapes the block-sparse kernels skip;
+- ``remove``: drop the masks, keeping the zeros.
+"""
+from __future__ import annotations
+
+from ..formats import DEFAULT_BLOCK
+from . import criteria, masks, selection
+from .block import block_magnitude, block_masks, semi_structured
+from .masks import apply_mask, get_mask, remove
+
+__all__ = ["block_magnitude", "block_masks", "semi_structured", "remove", "apply_mask", "get_mask",
+           "criteria", "masks", "selection", "DEFAULT_BLOCK"]
