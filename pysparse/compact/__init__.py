@@ -37,6 +37,11 @@ __all__ = ["compact", "channel_groups", "ChannelGroup", "ChannelGraphError", "No
 def _remove_parametrizations(model: nn.Module) -> None:
     for m in list(model.modules()):
         if parametrize.is_parametrized(m):
+            # remove_parametrizations deletes the property from the module's generated class,
+            # and a deep copy shares that class with the original: removing it here would break
+            # the user's model (AttributeError: no attribute 'weight'). Give this module its own.
+            cls = type(m)
+            m.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
             for name in list(m.parametrizations.keys()):
                 # leave_parametrized: the plain parameter keeps the masked values
                 parametrize.remove_parametrizations(m, name, leave_parametrized=True)
