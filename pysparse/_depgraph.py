@@ -513,7 +513,7 @@ def _module_node(g: ChannelGraph, node: fx.Node) -> NodeInfo:
         inp = _input_layout(g, node, x, -1 if lin else 1)
         if not first:
             g.couple(g._mod_in[name], inp, node)
-            return NodeInfo("module", g._mod_out[name], (x,), name)
+            return NodeInfo("module", g._mod_out[name], (x,), name, {"in_layout": inp})
         out_c = mod.out_features if lin else mod.out_channels
         in_c = mod.in_features if lin else mod.in_channels
         groups = 1 if lin else mod.groups
@@ -529,7 +529,7 @@ def _module_node(g: ChannelGraph, node: fx.Node) -> NodeInfo:
             g.member(name, "in", inp)
             g.member(name, "out", out)
             g._mod_out[name] = out
-            return NodeInfo("module", out, (x,), name, {"depthwise": True})
+            return NodeInfo("module", out, (x,), name, {"in_layout": inp, "depthwise": True})
         g.member(name, "in", inp)
         if groups > 1:
             whole = len(inp.segs) == 1 and inp.segs[0].start == 0 and inp.segs[0].length == g.space_size(inp.segs[0].space)
@@ -543,7 +543,7 @@ def _module_node(g: ChannelGraph, node: fx.Node) -> NodeInfo:
         out = _Layout((_Seg(space, 0, out_c),), cdim, len(shape))
         g.member(name, "out", out)
         g._mod_out[name] = out
-        return NodeInfo("module", out, (x,), name)
+        return NodeInfo("module", out, (x,), name, {"in_layout": inp})
     if isinstance(mod, nn.modules.batchnorm._BatchNorm):
         if lay is None or lay.cdim != 1:
             raise _unsupported(node, "BatchNorm over a tensor whose channels are not on dim 1")
