@@ -14,7 +14,7 @@ from pysparse._depgraph import ChannelGraphError, NotTraceableError, channel_gro
 from pysparse.compact import compact
 
 from . import zoo
-from .test_depgraph import Untraceable
+from .test_depgraph import SE, Untraceable
 
 
 class _Mask(nn.Module):
@@ -235,3 +235,15 @@ def test_bad_input_leaves_model_as_it_was(inplace):
         compact(Untraceable(), torch.randn(1, 3, 4, 4), inplace=inplace)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         compact(torch.randn(3), torch.randn(3))
+
+
+def test_squeeze_excite_and_broadcast():
+    # x * s: the SE scale's producer (fc2) loses the rows of x's removed channels; a masked
+    # channel of x is zero whatever its scale, so the product stays exact
+    model = zoo.randomize_bn(SE()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    mask_channels(model, channel_groups(model, x))
+    c = compact(model, x)
+    assert c.conv.out_channels == 4 and c.fc2.out_features == 4 and c.fc1.in_features == 4
+    with torch.no_grad():
+        _assert_close(c(x), model(x))

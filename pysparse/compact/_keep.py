@@ -33,26 +33,27 @@ def _features(lay: _Layout, z: torch.Tensor) -> torch.Tensor:
 
 
 def _module_zero(mod: nn.Module, iz: torch.Tensor, in_lay: _Layout) -> torch.Tensor:
+    # the zero vectors live on the CPU (small); the weights may be anywhere
     if isinstance(mod, nn.modules.batchnorm._BatchNorm):
         n = mod.num_features
-        w = mod.weight.detach() if mod.weight is not None else torch.ones(n)
-        b = mod.bias.detach() if mod.bias is not None else torch.zeros(n)
-        rm = mod.running_mean if mod.running_mean is not None else torch.zeros(n)
-        rv = mod.running_var if mod.running_var is not None else torch.ones(n)
+        w = mod.weight.detach().float().cpu() if mod.weight is not None else torch.ones(n)
+        b = mod.bias.detach().float().cpu() if mod.bias is not None else torch.zeros(n)
+        rm = mod.running_mean.float().cpu() if mod.running_mean is not None else torch.zeros(n)
+        rv = mod.running_var.float().cpu() if mod.running_var is not None else torch.ones(n)
         shift = b - rm * w / torch.sqrt(rv + mod.eps)  # the output where the input is 0
         return (shift == 0) & ((w == 0) | iz)
     w = mod.weight.detach()  # through .weight: a parametrize mask is applied
-    bz = (mod.bias.detach() == 0) if mod.bias is not None else torch.ones(w.shape[0 if not isinstance(
+    bz = (mod.bias.detach() == 0).cpu() if mod.bias is not None else torch.ones(w.shape[0 if not isinstance(
         mod, nn.ConvTranspose2d) else 1], dtype=torch.bool)
     if isinstance(mod, nn.Linear):
-        nz = w != 0
+        nz = (w != 0).cpu()
         izf = _features(in_lay, iz)[None, :]
     elif isinstance(mod, nn.ConvTranspose2d):  # groups == 1 (the graph rejects others)
-        nz = w.flatten(2).ne(0).any(2).T
+        nz = w.flatten(2).ne(0).any(2).T.cpu()
         izf = iz[None, :]
     else:
         g = mod.groups
-        nz = w.flatten(2).ne(0).any(2)  # [out, in/groups]
+        nz = w.flatten(2).ne(0).any(2).cpu()  # [out, in/groups]
         izf = iz.view(g, -1).repeat_interleave(w.shape[0] // g, 0)
     # out channel o is zero when no nonzero weight of it reads a nonzero input, and its bias is 0
     return ~(nz & ~izf).any(1) & bz

@@ -19,7 +19,7 @@ def _grouped_in(w: torch.Tensor, ko: torch.Tensor, ki: torch.Tensor, groups: int
         raise AssertionError("pysparse internal: unequal channels kept per conv group")
     local = torch.stack(local)  # [groups, kept per group]
     rows = w[ko]
-    idx = local[ko // og]  # [out', kept per group]
+    idx = local[ko // og].to(w.device)  # [out', kept per group]
     return torch.gather(rows, 1, idx[:, :, None, None].expand(-1, -1, *rows.shape[2:]))
 
 
