@@ -229,3 +229,13 @@ def test_bad_input_leaves_model_as_it_was(kwargs, err, match):
     after = _state(m)
     assert after[1] == before[1] and all(torch.equal(after[0][k], v) for k, v in before[0].items())
     assert not any(parametrize.is_parametrized(t) for t in m.modules())
+
+
+def test_taylor_on_frozen_weights_restores_the_flag():
+    m = MLP()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    data = _data(2)
+    keep = filters(m, 0.5, criterion="taylor", example_inputs=data[0][0], data=data)["fc1"]
+    assert int(keep.sum()) == 3
+    assert not any(p.requires_grad for p in m.parameters())

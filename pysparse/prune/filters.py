@@ -46,8 +46,11 @@ def _gradient_stats(model: nn.Module, layers: dict[str, nn.Module], data: Iterab
     gsum = [torch.zeros_like(p, dtype=torch.float32) for p in leaves]
     gsq = [torch.zeros_like(p, dtype=torch.float32) for p in leaves]
     modes = {m: m.training for m in model.modules()}
+    frozen = [p for p in leaves if not p.requires_grad]  # scored too; their flag is restored
     batches = 0
     try:
+        for p in frozen:
+            p.requires_grad_(True)
         model.eval()
         for i, batch in enumerate(tqdm(data, desc=f"pysparse filters ({criterion})", leave=False)):
             if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
@@ -64,6 +67,8 @@ def _gradient_stats(model: nn.Module, layers: dict[str, nn.Module], data: Iterab
                     gsq[j] += gr.float() ** 2
             batches += 1
     finally:
+        for p in frozen:
+            p.requires_grad_(False)
         for m, t in modes.items():
             m.training = t
     if batches == 0:
