@@ -375,9 +375,11 @@ class ChannelGraph:
             same = self.find(sa.space) == self.find(sb.space)
             if sa.spatial != sb.spatial or oa != ob or (not same and self.space_size(sa.space) != self.space_size(sb.space)):
                 raise ChannelGraphError(
-                    f"{_where(node)} couples channels {oa}..{oa + n - 1} of {self._space_name(sa.space)} with channels "
-                    f"{ob}..{ob + n - 1} of {self._space_name(sb.space)}: channels at different positions cannot be "
-                    f"pruned as one set (not supported)")
+                    f"{_where(node)} couples channels {oa}..{oa + n - 1} of {self._space_name(sa.space)} "
+                    f"({self.space_size(sa.space)} channels) with channels {ob}..{ob + n - 1} of "
+                    f"{self._space_name(sb.space)} ({self.space_size(sb.space)} channels): only whole layers' "
+                    f"channels at the same positions can be coupled (a sum or product of a concatenated or split "
+                    f"tensor with another layer's output is not supported)")
             self._union(sa.space, sb.space)
             pa += n
             pb += n

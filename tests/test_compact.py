@@ -247,3 +247,19 @@ def test_squeeze_excite_and_broadcast():
     assert c.conv.out_channels == 4 and c.fc2.out_features == 4 and c.fc1.in_features == 4
     with torch.no_grad():
         _assert_close(c(x), model(x))
+
+
+def test_layer_whose_inputs_are_all_zero_keeps_one():
+    # SplitNet: the stem's channels 8..15 are the chunk that feeds the branch alone; all zero,
+    # the branch's first conv still needs one input channel (a zero one: still exact)
+    model = zoo.make("splitnet")
+    x = torch.randn(zoo.IMAGE)
+    with torch.no_grad():
+        stem_conv, stem_bn = model.stem[0], model.stem[1]
+        stem_conv.weight[8:] = 0
+        stem_bn.weight[8:] = 0
+        stem_bn.bias[8:] = 0
+    c = compact(model, x, fold_bn=False)
+    assert c.get_submodule("branch.0.0").in_channels == 1 and c.get_submodule("stem.0").out_channels == 9
+    with torch.no_grad():
+        _assert_close(c(x), model(x))

@@ -123,12 +123,20 @@ def keep_sets(g: ChannelGraph, z: Zeros) -> dict[int, torch.Tensor]:
         zx = z.get(x)
         if not isinstance(zx, torch.Tensor) or zx.numel() != in_lay.channels:
             zx = torch.zeros(in_lay.channels, dtype=torch.bool)
-        off = 0
+        off, reads, fixed = 0, [], False
         for s in in_lay.segs:
             gi = g.group_of(s.space)
             if gi >= 0:
                 live[gi][s.start:s.start + s.length] |= ~zx[off:off + s.length]
+                reads.append((gi, s))
+            else:
+                fixed = True  # it reads the model input too: it keeps inputs whatever happens
             off += s.length
+        if reads and not fixed and not any(live[gi][s.start:s.start + s.length].any() for gi, s in reads):
+            # every input of this layer is zero (e.g. a split piece of pruned channels): keep one
+            # zero channel, a conv or Linear with no input at all is not a valid layer
+            gi, s = reads[0]
+            live[gi][s.start] = True
     keep = {}
     for i, grp in enumerate(g.groups):
         lv = live[i]
