@@ -114,3 +114,18 @@ class CatThenResidual(nn.Module):
 def test_cat_then_residual_is_a_clear_error():
     with pytest.raises(ChannelGraphError, match=r"node 'add'.*channels 0..3 of 'a' \(4 channels\).*'res' \(8 channels"):
         compact(CatThenResidual(), torch.randn(1, 3, 4, 4))
+
+
+@pytest.mark.parametrize("seed", range(24, 32))
+def test_random_net_filters_then_compact(seed):
+    # the real pruner on the same random wiring: its masks must make channels exactly zero
+    from pysparse.prune.filters import filters
+
+    torch.manual_seed(seed)
+    model = zoo.randomize_bn(RandomNet(seed), seed).eval()
+    x = torch.randn(2, 3, 8, 8)
+    filters(model, 0.5, criterion=random.Random(seed).choice(["l1", "l2", "bn_scale"]), example_inputs=x)
+    c = compact(model, x)
+    with torch.no_grad():
+        _assert_close(c(x), model(x))
+    assert _values(c) < _values(model)
