@@ -9,7 +9,10 @@ BatchNorm and input ``c`` of every consumer, all at once.
 
 What couples channels:
 - a residual sum (``+``, ``torch.add``, ``-``) or an element-wise product of two channel
-  tensors: every member shares one channel set (an SE block's ``x * scale`` too);
+  tensors: every member shares one channel set (an SE block's ``x * scale`` too). The members
+  may be concatenations or split pieces: channel i of one is channel i of the other, so a
+  layer added to ``cat([a, b])`` has its first rows in a's group and the rest in b's, and a
+  layer's two halves added together make one group of half the size;
 - a depthwise conv (``groups == in_channels == out_channels``): its input and output channel
   ``c`` are one channel, so it is both a producer and a consumer of its input's group;
 - a module called more than once: every call site shares its channels.
@@ -139,9 +142,7 @@ class _Layout:
 @dataclass
 class _Space:
     size: int
-    fixed: str = ""  # why these channels may not be pruned ("" if they may)
-    divisions: int = 1
-    producer: bool = False
+    producer: bool = False  # a layer's output channels (else the model input)
 
 
 @dataclass
@@ -308,56 +309,51 @@ def _lcm(a: int, b: int) -> int:
 
 
 class ChannelGraph:
-    """The traced model with every node's channel layout and the coupled spaces.
+    """The traced model with every node's channel layout and the coupled channels.
 
     Built by ``build_graph``; ``groups`` lists the public ChannelGroups, ``info[node]`` each
-    node's NodeInfo, ``group_of(space)`` the group index of a space (-1 for the model input).
+    node's NodeInfo, ``pieces(seg)`` where a layout segment's channels sit in the groups.
+
+    Coupling is resolved at the end (``finish``): each coupling says "channels oa.. of space A
+    are channels ob.. of space B". The spaces are cut into atoms at every coupling boundary,
+    the cuts carried across couplings until they agree, and coupled atoms merged (union-find):
+    a group is a class of equal-length atoms, its channel c is channel c of each atom. So a
+    concatenation added to one layer's output couples that layer's first rows with the first
+    concatenated layer and its last rows with the second.
     """
 
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
         self.modules = dict(gm.named_modules())
         self.spaces: list[_Space] = []
-        self._parent: list[int] = []
         self.info: dict[fx.Node, NodeInfo] = {}
         self.calls: dict[str, list[fx.Node]] = {}  # module name -> its call nodes
         self._members: list[tuple[str, str, int, int, int, int, int]] = []  # (module, role, start, space, sstart, n, spatial)
         self._mod_out: dict[str, _Layout] = {}
         self._mod_in: dict[str, _Layout] = {}
+        self._couplings: list[tuple[int, int, int, int, int]] = []  # (space a, start a, space b, start b, n)
+        self._fixes: list[tuple[int, int, int, str]] = []  # (space, start, n, reason)
+        self._divides: list[tuple[int, int]] = []  # (space, divisions)
         self.groups: list[ChannelGroup] = []
-        self._root_to_group: dict[int, int] = {}
+        self._atoms: dict[int, list[int]] = {}  # space -> sorted cut points (0 ... size)
+        self._atom_group: dict[tuple[int, int], int] = {}  # (space, atom start) -> group index or -1
 
-    # ---- spaces and coupling
+    # ---- spaces and coupling (recorded; resolved in finish)
     def new_space(self, size: int, fixed: str = "", divisions: int = 1, producer: bool = True) -> int:
-        self.spaces.append(_Space(size, fixed, divisions, producer))
-        self._parent.append(len(self._parent))
-        return len(self.spaces) - 1
-
-    def find(self, s: int) -> int:
-        while self._parent[s] != s:
-            self._parent[s] = self._parent[self._parent[s]]
-            s = self._parent[s]
-        return s
-
-    def _union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return
-        lo, hi = min(ra, rb), max(ra, rb)
-        self._parent[hi] = lo
-        sl, sh = self.spaces[lo], self.spaces[hi]
-        sl.fixed = sl.fixed or sh.fixed
-        sl.divisions = _lcm(sl.divisions, sh.divisions)
-        sl.producer = sl.producer or sh.producer
+        self.spaces.append(_Space(size, producer))
+        sid = len(self.spaces) - 1
+        if fixed:
+            self._fixes.append((sid, 0, size, fixed))
+        if divisions > 1:
+            self._divides.append((sid, divisions))
+        return sid
 
     def fix(self, layout: _Layout, reason: str) -> None:
         for s in layout.segs:
-            r = self.find(s.space)
-            self.spaces[r].fixed = self.spaces[r].fixed or reason
+            self._fixes.append((s.space, s.start, s.length, reason))
 
     def divide(self, space: int, d: int) -> None:
-        r = self.find(space)
-        self.spaces[r].divisions = _lcm(self.spaces[r].divisions, d)
+        self._divides.append((space, d))
 
     def space_size(self, s: int) -> int:
         return self.spaces[s].size
@@ -372,15 +368,12 @@ class ChannelGraph:
             sa, sb = ia[0], ib[0]
             n = min(sa.length - pa, sb.length - pb)
             oa, ob = sa.start + pa, sb.start + pb
-            same = self.find(sa.space) == self.find(sb.space)
-            if sa.spatial != sb.spatial or oa != ob or (not same and self.space_size(sa.space) != self.space_size(sb.space)):
+            if sa.spatial != sb.spatial:
                 raise ChannelGraphError(
-                    f"{_where(node)} couples channels {oa}..{oa + n - 1} of {self._space_name(sa.space)} "
-                    f"({self.space_size(sa.space)} channels) with channels {ob}..{ob + n - 1} of "
-                    f"{self._space_name(sb.space)} ({self.space_size(sb.space)} channels): only whole layers' "
-                    f"channels at the same positions can be coupled (a sum or product of a concatenated or split "
-                    f"tensor with another layer's output is not supported)")
-            self._union(sa.space, sb.space)
+                    f"{_where(node)} couples channels of {self._space_name(sa.space)} flattened {sa.spatial} features "
+                    f"each with channels of {self._space_name(sb.space)} flattened {sb.spatial} each (not supported)")
+            if (sa.space, oa) != (sb.space, ob):
+                self._couplings.append((sa.space, oa, sb.space, ob, n))
             pa += n
             pb += n
             if pa == sa.length:
@@ -403,38 +396,103 @@ class ChannelGraph:
             self._members.append((module, role, off, s.space, s.start, s.length, s.spatial))
             off += s.length * (s.spatial if role == "in" else 1)
 
-    def group_of(self, space: int) -> int:
-        """Index into ``groups`` of the group holding ``space``; -1 for the model input."""
-        return self._root_to_group.get(self.find(space), -1)
+    def pieces(self, space: int, start: int, length: int) -> list[tuple[int, int, int, int]]:
+        """Where channels start .. start+length-1 of a space sit: [(group index or -1 for the model
+        input, first group channel, count, offset in the range)]."""
+        out = []
+        cuts = self._atoms[space]
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            a, b = max(lo, start), min(hi, start + length)
+            if a < b:
+                out.append((self._atom_group[(space, lo)], a - lo, b - a, a - start))
+        return out
 
     def module_layouts(self, name: str) -> tuple[Optional[_Layout], Optional[_Layout]]:
         """(input layout, output layout) of a module's (first) call."""
         return self._mod_in.get(name), self._mod_out.get(name)
 
+    def _refine(self) -> None:
+        """Cut the spaces into atoms so that every coupling pairs whole atoms of equal length."""
+        cuts = [{0, sp.size} for sp in self.spaces]
+        for a, oa, b, ob, n in self._couplings:
+            cuts[a] |= {oa, oa + n}
+            cuts[b] |= {ob, ob + n}
+        changed = True
+        while changed:  # carry each cut across every coupling it falls inside (finite: cuts <= sizes)
+            changed = False
+            for a, oa, b, ob, n in self._couplings:
+                for (x, ox, y, oy) in ((a, oa, b, ob), (b, ob, a, oa)):
+                    new = {oy + c - ox for c in cuts[x] if ox < c < ox + n} - cuts[y]
+                    if new:
+                        cuts[y] |= new
+                        changed = True
+        self._atoms = {i: sorted(c) for i, c in enumerate(cuts)}
+
     def finish(self) -> None:
-        roots: dict[int, list[tuple]] = {}
-        for r in sorted({self.find(i) for i in range(len(self.spaces))}):
-            if self.spaces[r].producer:
-                roots[r] = []
-        for m in self._members:
-            r = self.find(m[3])
-            if r in roots:
-                roots[r].append(m)
-        for r, members in roots.items():
-            sp = self.spaces[r]
+        self._refine()
+        ids: dict[tuple[int, int], int] = {}  # (space, atom start) -> atom id
+        for s, c in self._atoms.items():
+            for lo in c[:-1]:
+                ids[(s, lo)] = len(ids)
+        parent = list(range(len(ids)))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        def atoms_in(s: int, start: int, n: int) -> list[int]:
+            c = self._atoms[s]
+            return [ids[(s, lo)] for lo in c[:-1] if start <= lo < start + n]
+
+        for a, oa, b, ob, n in self._couplings:
+            for i, j in zip(atoms_in(a, oa, n), atoms_in(b, ob, n)):
+                ri, rj = find(i), find(j)
+                parent[max(ri, rj)] = min(ri, rj)
+        key = {v: k for k, v in ids.items()}  # atom id -> (space, start)
+        length = {i: self._atoms[s][self._atoms[s].index(lo) + 1] - lo for i, (s, lo) in key.items()}
+        fixed: dict[int, str] = {}
+        divisions: dict[int, int] = {}
+        producer: dict[int, bool] = {}
+        for i, (s, lo) in key.items():
+            r = find(i)
+            producer[r] = producer.get(r, False) or self.spaces[s].producer
+        for s, start, n, reason in self._fixes:
+            for lo in self._atoms[s][:-1]:
+                hi = self._atoms[s][self._atoms[s].index(lo) + 1]
+                if lo < start + n and hi > start:
+                    fixed.setdefault(find(ids[(s, lo)]), reason)
+        for s, d in self._divides:
+            whole = [find(i) for i in atoms_in(s, 0, self.spaces[s].size)]
+            if len(whole) == 1:
+                divisions[whole[0]] = _lcm(divisions.get(whole[0], 1), d)
+            else:  # equal counts per conv group across several groups: not expressible, leave them
+                for r in whole:
+                    fixed.setdefault(r, "feeds or comes from a grouped conv and is coupled in parts")
+        roots = sorted({find(i) for i in key if producer[find(i)]})
+        index = {r: gi for gi, r in enumerate(roots)}
+        for i, (s, lo) in key.items():
+            self._atom_group[(s, lo)] = index.get(find(i), -1)
+        members: dict[int, list] = {r: [] for r in roots}
+        for (mod, role, start, s, sstart, n, spatial) in self._members:
+            for gi, gstart, cnt, off in self.pieces(s, sstart, n):
+                if gi >= 0:
+                    mstart = start + off * (spatial if role == "in" else 1)
+                    members[roots[gi]].append(ChannelSlice(mod, role, mstart, gstart, cnt, spatial))
+        for r in roots:
             slices, prod, cons, bns = [], [], [], []
-            for (mod, role, start, _s, sstart, n, spatial) in members:
-                sl = ChannelSlice(mod, role, start, sstart, n, spatial)
+            for sl in members[r]:
                 if sl not in slices:
                     slices.append(sl)
-                lst = {"out": prod, "in": cons, "bn": bns}[role]
-                if mod not in lst:
-                    lst.append(mod)
-            reason = sp.fixed or ("a single channel" if sp.size < 2 else "")
-            if not reason and sp.divisions == sp.size:
-                reason = f"{sp.divisions} divisions of one channel (a grouped conv with one channel per group)"
-            self._root_to_group[r] = len(self.groups)
-            self.groups.append(ChannelGroup(sp.size, prod, cons, bns, slices, not reason, reason, sp.divisions))
+                lst = {"out": prod, "in": cons, "bn": bns}[sl.role]
+                if sl.module not in lst:
+                    lst.append(sl.module)
+            size, div = length[r], divisions.get(r, 1)
+            reason = fixed.get(r, "") or ("a single channel" if size < 2 else "")
+            if not reason and div == size:
+                reason = f"{div} divisions of one channel (a grouped conv with one channel per group)"
+            self.groups.append(ChannelGroup(size, prod, cons, bns, slices, not reason, reason, div))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,7 +520,7 @@ def _unsupported(node: fx.Node, why: str = "") -> ChannelGraphError:
 
 
 def _fixed_only(g: ChannelGraph, lay: _Layout) -> bool:
-    return all(not g.spaces[g.find(s.space)].producer for s in lay.segs)
+    return all(not g.spaces[s.space].producer for s in lay.segs)
 
 
 def _input_layout(g: ChannelGraph, node: fx.Node, x, want_cdim: int) -> _Layout:

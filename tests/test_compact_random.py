@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pysparse._depgraph import ChannelGraphError, channel_groups
+from pysparse._depgraph import channel_groups
 from pysparse.compact import compact
 
 from . import zoo
+from .test_depgraph import CatThenResidual, Shifted
 from .test_compact import _assert_close, _values, mask_channels
 
 
@@ -66,15 +67,10 @@ class RandomNet(nn.Module):
         c = rng.choice([4, 8])
         self.stem = zoo.conv_bn(3, c)
         blocks = []
-        mixed = False  # the channels are a concatenation (after cat / split)
         for _ in range(rng.randint(3, 6)):
-            # a sum or product of a concatenation with one layer's output is not supported (a
-            # clear error: test_depgraph's Shifted, test_cat_then_residual_is_a_clear_error)
-            kinds = ["conv", "dw", "cat", "split"] + ([] if mixed else ["res", "se"])
-            b = Block(rng.choice(kinds), c, rng)
+            b = Block(rng.choice(["conv", "res", "dw", "cat", "split", "se"]), c, rng)
             blocks.append(b)
             c = b.out
-            mixed = b.kind in ("cat", "split") or (mixed and b.kind == "dw")
         self.blocks = nn.Sequential(*blocks)
         self.flat = rng.random() < 0.5  # flatten a 2x2 map into the head, or pool first
         self.head = nn.Linear(c * (4 if self.flat else 1), 5)
@@ -85,7 +81,7 @@ class RandomNet(nn.Module):
         return self.head(torch.flatten(x, 1))
 
 
-@pytest.mark.parametrize("seed", range(24))
+@pytest.mark.parametrize("seed", range(32))
 def test_random_net_compacts_exactly(seed):
     torch.manual_seed(seed)
     model = zoo.randomize_bn(RandomNet(seed), seed).eval()
@@ -100,23 +96,18 @@ def test_random_net_compacts_exactly(seed):
     assert _values(c) < _values(model)
 
 
-class CatThenResidual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
-        self.res = nn.Conv2d(8, 8, 3, padding=1)
-
-    def forward(self, x):
-        y = torch.cat([self.a(x), self.b(x)], 1)
-        return y + self.res(y)
-
-
-def test_cat_then_residual_is_a_clear_error():
-    with pytest.raises(ChannelGraphError, match=r"node 'add'.*channels 0..3 of 'a' \(4 channels\).*'res' \(8 channels"):
-        compact(CatThenResidual(), torch.randn(1, 3, 4, 4))
+def test_sums_across_concatenations_compact_exactly():
+    for model in (CatThenResidual(), Shifted()):
+        x = torch.randn(2, 3, 6, 6)
+        groups = channel_groups(model, x)
+        mask_channels(model, groups)
+        c = compact(model, x)
+        with torch.no_grad():
+            _assert_close(c(x), model(x))
+        assert _values(c) < _values(model)
 
 
-@pytest.mark.parametrize("seed", range(24, 32))
+@pytest.mark.parametrize("seed", range(32, 40))
 def test_random_net_filters_then_compact(seed):
     # the real pruner on the same random wiring: its masks must make channels exactly zero
     from pysparse.prune.filters import filters

@@ -202,10 +202,11 @@ class Shifted(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 1)
+        self.out = nn.Conv2d(4, 2, 1)
 
     def forward(self, x):
         a, b = self.conv(x).chunk(2, 1)
-        return a + b  # channel i added to channel i + 4 of the same layer
+        return self.out(a + b)  # channel i added to channel i + 4 of the same layer
 
 
 @pytest.mark.parametrize("model,node,layer", [
@@ -213,7 +214,6 @@ class Shifted(nn.Module):
     (Shuffle(), "view", "<the model's own forward>"),
     (Norm(), "norm", "norm"),
     (ChannelSlicing(), "getitem", "<the model's own forward>"),
-    (Shifted(), "add", "<the model's own forward>"),
 ])
 def test_unsupported_op_names_node_and_layer(model, node, layer):
     with pytest.raises(ChannelGraphError, match=rf"node '{node}[_0-9]*'.*in layer '{layer}'"):
@@ -232,3 +232,32 @@ def test_bad_example_inputs():
         channel_groups(m, [[1.0, 2.0]])
     with pytest.raises(TypeError, match="torch.nn.Module"):
         channel_groups(lambda x: x, torch.randn(1))
+
+
+def test_sum_of_halves_of_one_layer():
+    # a + b with a, b the two halves of one conv: conv rows i and i + 4 are one channel
+    g = _group_of(channel_groups(Shifted(), torch.randn(1, 3, 4, 4)), "conv")
+    assert g.channels == 4
+    assert ChannelSlice("conv", "out", 0, 0, 4) in g.slices and ChannelSlice("conv", "out", 4, 0, 4) in g.slices
+    assert ChannelSlice("out", "in", 0, 0, 4) in g.slices
+
+
+class CatThenResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 6, 1)
+        self.res = nn.Conv2d(10, 10, 3, padding=1)
+        self.out = nn.Conv2d(10, 2, 1)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], 1)
+        return self.out(y + self.res(y))
+
+
+def test_concatenation_plus_one_layer_splits_that_layer():
+    # res's first 4 rows are a's channels, its last 6 are b's: two groups, res in both
+    groups = channel_groups(CatThenResidual(), torch.randn(1, 3, 4, 4))
+    ga, gb = _group_of(groups, "a"), _group_of(groups, "b")
+    assert (ga.channels, gb.channels) == (4, 6)
+    assert ChannelSlice("res", "out", 0, 0, 4) in ga.slices and ChannelSlice("res", "out", 4, 0, 6) in gb.slices
+    assert ChannelSlice("res", "in", 0, 0, 4) in ga.slices and ChannelSlice("out", "in", 4, 0, 6) in gb.slices

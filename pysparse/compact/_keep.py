@@ -125,18 +125,18 @@ def keep_sets(g: ChannelGraph, z: Zeros) -> dict[int, torch.Tensor]:
             zx = torch.zeros(in_lay.channels, dtype=torch.bool)
         off, reads, fixed = 0, [], False
         for s in in_lay.segs:
-            gi = g.group_of(s.space)
-            if gi >= 0:
-                live[gi][s.start:s.start + s.length] |= ~zx[off:off + s.length]
-                reads.append((gi, s))
-            else:
-                fixed = True  # it reads the model input too: it keeps inputs whatever happens
+            for gi, gs, n, o in g.pieces(s.space, s.start, s.length):
+                if gi >= 0:
+                    live[gi][gs:gs + n] |= ~zx[off + o:off + o + n]
+                    reads.append((gi, gs, n))
+                else:
+                    fixed = True  # it reads the model input too: it keeps inputs whatever happens
             off += s.length
-        if reads and not fixed and not any(live[gi][s.start:s.start + s.length].any() for gi, s in reads):
+        if reads and not fixed and not any(live[gi][gs:gs + n].any() for gi, gs, n in reads):
             # every input of this layer is zero (e.g. a split piece of pruned channels): keep one
             # zero channel, a conv or Linear with no input at all is not a valid layer
-            gi, s = reads[0]
-            live[gi][s.start] = True
+            gi, gs, _ = reads[0]
+            live[gi][gs] = True
     keep = {}
     for i, grp in enumerate(g.groups):
         lv = live[i]
@@ -158,12 +158,12 @@ def layout_index(g: ChannelGraph, lay: _Layout, keep: dict[int, torch.Tensor], f
     idx, off = [], 0
     for s in lay.segs:
         sp = s.spatial if features else 1
-        gi = g.group_of(s.space)
-        if gi < 0:
-            sel = torch.arange(s.length)
-        else:
-            k = keep[gi]
-            sel = k[(k >= s.start) & (k < s.start + s.length)] - s.start
-        idx.append(off + (sel[:, None] * sp + torch.arange(sp)).flatten())
+        for gi, gs, n, o in g.pieces(s.space, s.start, s.length):
+            if gi < 0:
+                sel = torch.arange(n)
+            else:
+                k = keep[gi]
+                sel = k[(k >= gs) & (k < gs + n)] - gs
+            idx.append(off + ((o + sel)[:, None] * sp + torch.arange(sp)).flatten())
         off += s.length * sp
     return torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
