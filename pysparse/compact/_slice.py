@@ -3,7 +3,7 @@ graph rewrites that keep split sizes and reshapes right after channels are gone.
 from __future__ import annotations
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from .._depgraph import ChannelGraph
 from ._keep import _is_depthwise, layout_index
