@@ -263,3 +263,16 @@ def test_layer_whose_inputs_are_all_zero_keeps_one():
     assert c.get_submodule("branch.0.0").in_channels == 1 and c.get_submodule("stem.0").out_channels == 9
     with torch.no_grad():
         _assert_close(c(x), model(x))
+
+
+@pytest.mark.parametrize("name", ["resnet_bottleneck", "splitnet"])
+def test_compacted_model_exports(name):
+    # torch.export (the path to serving and to ONNX's dynamo exporter) sees plain layers and a
+    # split with literal sizes, no pysparse code at all
+    model = zoo.make(name)
+    x = torch.randn(zoo.IMAGE)
+    mask_channels(model, channel_groups(model, x))
+    c = compact(model, x)
+    ep = torch.export.export(c, (x,))
+    with torch.no_grad():
+        _assert_close(ep.module()(x), model(x))
