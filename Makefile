@@ -7,9 +7,11 @@ VPY := $(VENV)/bin/python
 # the +cpu local version never resolves to PyPI's multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0+cpu
 DEPS := numpy tqdm pytest pytest-benchmark hypothesis scikit-learn triton torchao matplotlib \
-        ninja setuptools wheel expecttest
+        ninja setuptools wheel expecttest safetensors onnx onnxruntime onnxscript
+# Torch-Pruning is a benchmark peer; --no-deps so its torch requirement can never pull another torch.
+NODEPS := torch-pruning
 
-.PHONY: setup build test demo bench bench-kernels benchmarks gpu-check clean
+.PHONY: setup build test demo bench bench-kernels benchmarks gpu-check cross-aarch64 clean
 
 $(VPY):
 	$(PY) -m venv --system-site-packages $(VENV)
@@ -18,6 +20,7 @@ setup: $(VPY)
 	@$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "$(TORCH_CPU)" || \
 	  { echo "setup: no torch installed and $(TORCH_CPU) is not available here; install a CPU torch 2.11-2.14 first" >&2; exit 1; }
 	$(VPY) -m pip install -q $(DEPS)
+	$(VPY) -m pip install -q --no-deps $(NODEPS)
 	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 
 build: $(VPY)
@@ -50,6 +53,26 @@ benchmarks: setup
 gpu-check:
 	$(PY) setup.py -q build_ext --inplace
 	PYTHONPATH=$(CURDIR) $(PY) scripts/gpu_check.py
+
+# The build off x86-64: cross-compile the torch-free kernel units (the scalar kernels, CPU
+# feature detection, the dispatch policy) for aarch64 with Debian's cross compiler, and
+# syntax-check the ATen wrappers against torch's headers, so nothing x86-only is left
+# unguarded (csrc/cpu/isa.h PYSPARSE_X86). Installs g++-aarch64-linux-gnu if it is missing.
+AARCH64_CXX ?= aarch64-linux-gnu-g++
+CROSS_UNITS := csrc/cpu/int8_linear_scalar.cpp csrc/cpu/bsr_linear_scalar.cpp csrc/cpu/cpu_features.cpp \
+               csrc/cpu/dispatch.cpp
+CROSS_WRAPPERS := csrc/ops/int8_linear.cpp csrc/ops/bsr_linear.cpp
+cross-aarch64:
+	@command -v $(AARCH64_CXX) >/dev/null || { apt-get update -qq && apt-get install -y -qq g++-aarch64-linux-gnu; }
+	@mkdir -p build/aarch64
+	for f in $(CROSS_UNITS); do \
+	  $(AARCH64_CXX) -std=c++20 -O2 -Wall -Werror -ffp-contract=off -Icsrc -c $$f -o build/aarch64/$$(basename $$f .cpp).o || exit 1; \
+	done
+	TORCH_INC=$$($(VPY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))"); \
+	for f in $(CROSS_WRAPPERS); do \
+	  $(AARCH64_CXX) -std=c++20 -fsyntax-only -Icsrc $$TORCH_INC $$f || exit 1; \
+	done
+	@echo "cross-aarch64: ok"
 
 clean:
 	rm -rf build *.egg-info pysparse/_C*.so

@@ -1,17 +1,17 @@
 """pysparse: kernels that turn compressed neural networks into speed.
 
 Public API: ``quantize_int8`` and ``sparsify`` (model conversion), ``prune``, ``pysparse.nn`` (the layers),
-``cpu_info`` (what this CPU has and which kernel each op uses), and the ops in the
+``cpu_info`` (what this CPU has and which kernel each op uses), ``set_cpu_isa`` / ``cpu_isa``
+and ``set_cpu_bf16`` / ``cpu_bf16`` (switch the CPU path at run time), and the ops in the
 ``torch.ops.pysparse`` namespace (see pysparse.ops), with pure-PyTorch references in
 ``pysparse.reference``.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import ops, reference
+from .ops import cpu_bf16, cpu_isa, set_cpu_bf16, set_cpu_isa
 from . import nn
 from . import prune
 from .quantize import quantize_int8
@@ -21,34 +21,49 @@ __version__ = "0.1.0"
 
 
 def cpu_info() -> dict:
-    """What the CPU offers and which kernel each op will use now.
+    """What the CPU offers and which kernel each op will run now.
 
-    Returns a dict: the detected features (AVX2, AVX-512 VNNI, AVX512-BF16, AMX and whether
-    the OS granted AMX; ``bf16_dot_speedup``: VDPBF16PS's measured MAC rate over fp32 FMA's),
-    ``best_isa``, ``selected_isa`` (after the PYSPARSE_CPU_ISA cap),
-    ``threads`` (torch.get_num_threads(), which the kernels use), and ``ops``: each op's
-    kernel on the CPU.
+    Returns a dict: ``features`` (AVX2, AVX-512 VNNI, AVX512-BF16, AMX and whether the OS
+    granted AMX; ``bf16_dot_speedup``: VDPBF16PS's MAC rate over fp32 FMA's, measured once
+    when pysparse loaded; ``bf16_dot``: whether bf16 blocks use VDPBF16PS; ``bf16_dot_choice``:
+    "measured" (from that speedup), "forced" (set_cpu_bf16 / PYSPARSE_CPU_BF16) or
+    "unavailable" (no AVX512-BF16 at the selected path)), ``best_isa``, ``selected_isa``
+    (after the cap), ``isa_cap`` (set_cpu_isa / PYSPARSE_CPU_ISA, None: none), ``bf16_mode``
+    (set_cpu_bf16: True/False forced, None measured), ``threads`` (torch.get_num_threads(),
+    which the kernels use) and ``ops``: each op's CPU kernel, from the same dispatch policy
+    the ops use (``pysparse.ops.kernel_for``). Where the kernel depends on the call:
+    ``bsr_linear_bf16`` is for blocks 32 deep (the default block (64, 32); 64 deep is the
+    same), ``bsr_linear_bf16_other_bk`` for other depths (no AMX-BF16 there), and
+    ``bsr_linear_grad_x_other_bk`` for depths other than 16/32/64.
+
+    Reproducibility: bf16 blocks round differently under VDPBF16PS and the widening kernels,
+    and the measured choice can differ between machines (and, near the 1.25x threshold,
+    between runs). Set PYSPARSE_CPU_BF16=0 (or 1) before import, or call
+    ``pysparse.set_cpu_bf16(False)`` (or True), for the same bf16 outputs in every process.
     """
     feats = dict(ops._C.cpu_features())
-    sel = ops._C.selected_isa()
+    bf16 = torch.bfloat16
+
+    def k(op: str, **facts) -> str:
+        return ops.kernel_for("cpu", op, **facts)
+
     return {
-        "features": {k: v for k, v in feats.items() if k != "best_isa"},
+        "features": {n: v for n, v in feats.items() if n != "best_isa"},
         "best_isa": feats["best_isa"],
-        "selected_isa": sel,
-        "env_cap": os.environ.get("PYSPARSE_CPU_ISA"),
+        "selected_isa": ops._C.selected_isa(),
+        "isa_cap": ops._C.cpu_isa_cap(),
+        "bf16_mode": ops._C.cpu_bf16_mode(),
         "threads": torch.get_num_threads(),
-        "ops": {"int8_linear": f"cpu-{sel}", "int8_mm": f"cpu-{sel}",
-                "bsr_linear": f"cpu-{'avx512' if sel == 'amx' else sel}",
-                # bf16 blocks: AMX-BF16 (blocks 32 or 64 deep), else VDPBF16PS where it out-runs
-                # fp32 FMA here, else the bf16 weights widened to fp32 in registers
-                # (PYSPARSE_CPU_BF16=0 forces widening; =1 VDPBF16PS where AMX-BF16 is not used)
-                "bsr_linear_bf16": ("cpu-amx" if sel == "amx" and feats["amx_bf16"]
-                                    and os.environ.get("PYSPARSE_CPU_BF16") != "0" else
-                                    "cpu-avx512bf16" if feats.get("bf16_dot") else
-                                    f"cpu-{'avx512' if sel == 'amx' else sel}-widen"),
-                # int8 blocks: AMX, the VNNI kernel, below AVX-512 the scalar one
-                "bsr_int8_linear": f"cpu-{sel}" if sel in ("avx512", "amx") else "cpu-scalar"},
+        "ops": {"int8_linear": k("int8_linear"), "int8_mm": k("int8_mm"),
+                "bsr_linear": k("bsr_linear"),
+                "bsr_linear_bf16": k("bsr_linear", dtype=bf16, block=(64, 32)),
+                "bsr_linear_bf16_other_bk": k("bsr_linear", dtype=bf16, block=(64, 16)),
+                "bsr_linear_grad_x": k("bsr_linear_grad_x"),
+                "bsr_linear_grad_x_other_bk": k("bsr_linear_grad_x", block=(64, 8)),
+                "bsr_linear_grad_values": k("bsr_linear_grad_values"),
+                "bsr_int8_linear": k("bsr_int8_linear")},
     }
 
 
-__all__ = ["quantize_int8", "sparsify", "plan_report", "prune", "cpu_info", "nn", "ops", "reference"]
+__all__ = ["quantize_int8", "sparsify", "plan_report", "prune", "cpu_info", "set_cpu_isa", "cpu_isa",
+           "set_cpu_bf16", "cpu_bf16", "nn", "ops", "reference"]

@@ -36,11 +36,13 @@ from typing import Optional
 import torch
 
 from . import _C  # noqa: F401  (the op schemas must exist before kernels register)
+from . import formats
 from ._cuda_ops import load_kernel_module, quantize_rows
+from .formats import round_up
 
 __all__ = ["HAS_TRITON", "REGISTERED", "bsr_linear_cuda", "bsr_int8_linear_cuda"]
 
-INT8_BLOCK = 64  # pysparse.formats.INT8_BLOCK: one int8 block is 64 x 64 on every device
+INT8_BLOCK = formats.INT8_BLOCK[0]  # one int8 block is 64 x 64 on every device
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -62,10 +64,6 @@ _kernels = None
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 REGISTERED = False
 _warned_fallback = False
-
-
-def _round_up(x: int, m: int) -> int:
-    return (x + m - 1) // m * m
 
 
 # ------------------------------------------------------------------------------ checks
@@ -101,15 +99,8 @@ def _block_unsupported(bk: int, bn: int, lo: int, hi: int) -> Optional[str]:
 # ------------------------------------------------------------------------------ fallback
 def _dense_weight(values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, N: int, K: int) -> torch.Tensor:
     """The dense weight [N, K] in values' dtype, built on values' device without a host
-    sync (repeat_interleave is told its output size)."""
-    nnzb, bk, bn = values.shape
-    R, KB = -(-N // bn), -(-K // bk)
-    dev = values.device
-    rows = torch.repeat_interleave(torch.arange(R, device=dev), (row_ptr[1:] - row_ptr[:-1]).long(),
-                                   output_size=nnzb)
-    dense = values.new_zeros(R * KB, bn, bk)
-    dense.index_put_((rows * KB + col_idx.long(),), values.transpose(1, 2))
-    return dense.reshape(R, KB, bn, bk).permute(0, 2, 1, 3).reshape(R * bn, KB * bk)[:N, :K]
+    sync (pysparse.formats.bsr_to_dense)."""
+    return formats.bsr_to_dense(values, row_ptr, col_idx, N, K)
 
 
 def _bsr_linear_dense(x2, values, row_ptr, col_idx, bias, N: int, K: int, relu: bool) -> torch.Tensor:
@@ -214,7 +205,7 @@ def bsr_int8_linear_cuda(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.T
     _check_bias(bias, N, op, dev)
     if N < 0 or K < 0:
         raise ValueError(f"{op}: N and K must be >= 0, got N={N}, K={K}")
-    Np = _round_up(N, B)
+    Np = round_up(N, B)
     for t, name, dt in ((colsum, "colsum", torch.int32), (w_scale, "w_scale", torch.float32)):
         if (not isinstance(t, torch.Tensor) or t.dtype != dt or tuple(t.shape) != (1, Np) or t.device != dev):
             raise ValueError(f"{op}: {name} must be a {str(dt).split('.')[-1]} tensor of shape [1, {Np}] on "

@@ -33,12 +33,11 @@ from typing import Optional
 import torch
 
 from . import _C  # noqa: F401  (the op schemas must exist before kernels register)
+from .formats import PACK_K, PACK_N
+from .formats import round_up as _round_up
 
 __all__ = ["HAS_TRITON", "REGISTERED", "quantize_rows", "int8_pack_cuda", "int8_unpack_cuda",
            "int8_mm_cuda", "int8_linear_cuda"]
-
-PACK_N = 64  # colsum / w_scale columns are padded to this (csrc/cpu/int8_linear.h kPackN)
-PACK_K = 64  # group sizes are multiples of this (kPackK)
 
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -89,10 +88,6 @@ _kernels = None
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 REGISTERED = False
 _warned_grouped = False
-
-
-def _round_up(x: int, m: int) -> int:
-    return (x + m - 1) // m * m
 
 
 # ------------------------------------------------------------------------------ checks

@@ -20,15 +20,23 @@ import torch
 
 from .reference import quantize_weight
 
+PACK_N = 64  # csrc/cpu/int8_linear.h kPackN: N padded to the AVX-512 / AMX column chunk
+PACK_K = 64  # kPackK: K padded to one AMX tile of K
+INT8_BLOCK = (64, 64)  # csrc/cpu/bsr_linear.h kBsrI8Block: one 64-column VNNI chunk x one AMX K tile
 # fp32 CPU kernel block: 64 outputs (4 zmm of accumulators per row) x 32 inputs. Swept
 # (16|32|64) x (16|32|64) at K = N = 4096, density 0.1 (bench/bench_bsr_linear.py):
 # bn = 64 keeps 24 accumulators in registers; bk = 32 amortizes the per-block setup.
 DEFAULT_BLOCK = (64, 32)
-PACK_N = 64  # csrc/cpu/int8_linear.h kPackN: N padded to the AVX-512 / AMX column chunk
-PACK_K = 64  # kPackK: K padded to one AMX tile of K
-INT8_BLOCK = (64, 64)  # csrc/cpu/bsr_linear.h kBsrI8Block: one 64-column VNNI chunk x one AMX K tile
 # colsum's padding columns hold this (no real column sum can): the ops check N against it.
 COLSUM_PAD = torch.iinfo(torch.int32).min
+
+
+def round_up(x: int, m: int) -> int:
+    """x rounded up to a multiple of m (m > 0)."""
+    return (x + m - 1) // m * m
+
+
+_round_up = round_up  # the name ops.py / _cuda_ops.py used
 
 
 @dataclass
@@ -61,9 +69,67 @@ def block_mask(w: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
 
 
 def expand_block_mask(mask: torch.Tensor, N: int, K: int, bn: int, bk: int) -> torch.Tensor:
-    """Block mask [R, KB] -> element mask [N, K] (each block's value over its bn x bk elements)."""
+    """Block mask [R, KB] (R = ceil(N / bn), KB = ceil(K / bk)) -> element mask [N, K]
+    (same dtype and device): element (n, k) takes block (n // bn, k // bk)'s value."""
     R, KB = mask.shape
     return mask[:, None, :, None].expand(-1, bn, -1, bk).reshape(R * bn, KB * bk)[:N, :K]
+
+
+def dense_to_bsr(w: torch.Tensor, bn: int, bk: int,
+                 mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, BsrLayout]:
+    """W [N, K] -> (stored blocks [nnzb, bn, bk] in W's dtype, n-major as in W, layout).
+
+    mask: the bool block mask [R, KB] to store; None stores the blocks of W holding any
+    nonzero. Blocks are in row-major (block row, block column) order, edges zero padded.
+    """
+    N, K = w.shape
+    blocks = _blocks(w, bn, bk)
+    if mask is None:
+        mask = blocks.ne(0).flatten(2).any(-1)
+    return blocks[mask], _layout(mask, N, K, bn, bk)
+
+
+def bsr_to_dense(values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """k-major blocks values [nnzb, bk, bn] (any dtype) -> the dense weight [N, K] in
+    values' dtype, on values' device, differentiable in values. No host sync (the
+    repeat_interleave is told its size), so it serves the CUDA fallback too."""
+    nnzb, bk, bn = values.shape
+    R, KB = -(-N // bn), -(-K // bk)
+    dev = values.device
+    rp = row_ptr.to(dev).long()
+    rows = torch.repeat_interleave(torch.arange(R, device=dev), rp[1:] - rp[:-1], output_size=nnzb)
+    dense = values.new_zeros(R * KB, bn, bk)
+    dense = dense.index_put((rows * KB + col_idx.to(dev).long(),), values.transpose(1, 2))
+    return dense.reshape(R, KB, bn, bk).permute(0, 2, 1, 3).reshape(R * bn, KB * bk)[:N, :K]
+
+
+def check_bsr_layout(row_ptr: torch.Tensor, col_idx: torch.Tensor, N: int, K: int, bn: int, bk: int,
+                     prefix: str = "") -> None:
+    """Raise ValueError (naming ``prefix + 'row_ptr'`` / ``'col_idx'``) unless the index
+    arrays are a BSR layout of an [N, K] weight in (bn, bk) blocks: int32, row_ptr
+    [ceil(N / bn) + 1] from 0, non-decreasing, ending at col_idx's length; col_idx within
+    the ceil(K / bk) block columns and strictly increasing inside each block row."""
+    R, KB = -(-N // bn), -(-K // bk)
+    for name, t in (("row_ptr", row_ptr), ("col_idx", col_idx)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1:
+            raise ValueError(f"{prefix}{name}: expected a 1-d int32 tensor, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    if row_ptr.numel() != R + 1:
+        raise ValueError(f"{prefix}row_ptr: expected {R + 1} entries ({R} block rows of {bn} for "
+                         f"out_features={N}), got {row_ptr.numel()}")
+    rp, ci = row_ptr.cpu().long(), col_idx.cpu().long()
+    nnzb = ci.numel()
+    if rp[0] != 0 or rp[-1] != nnzb or bool((rp[1:] < rp[:-1]).any()):
+        raise ValueError(f"{prefix}row_ptr: expected non-decreasing offsets from 0 to {nnzb} (the number of "
+                         f"stored blocks in col_idx), got {rp.tolist() if rp.numel() <= 16 else 'other values'}")
+    if nnzb and (int(ci.min()) < 0 or int(ci.max()) >= KB):
+        raise ValueError(f"{prefix}col_idx: expected block columns in [0, {KB}) (in_features={K} in blocks of "
+                         f"{bk}), got values in [{int(ci.min())}, {int(ci.max())}]")
+    if nnzb > 1:
+        rows = torch.repeat_interleave(torch.arange(R), rp[1:] - rp[:-1])
+        same_row = rows[1:] == rows[:-1]
+        if bool((same_row & (ci[1:] <= ci[:-1])).any()):
+            raise ValueError(f"{prefix}col_idx: expected strictly increasing block columns within each block row")
 
 
 def _layout(mask: torch.Tensor, N: int, K: int, bn: int, bk: int) -> BsrLayout:
@@ -76,12 +142,8 @@ def _layout(mask: torch.Tensor, N: int, K: int, bn: int, bk: int) -> BsrLayout:
 
 def pack_bsr_f32(w: torch.Tensor, bn: int, bk: int) -> tuple[torch.Tensor, BsrLayout]:
     """W [N, K] (zeros where pruned) -> (values float32 [nnzb, bk, bn], layout)."""
-    w = w.detach().float().cpu()
-    N, K = w.shape
-    blocks = _blocks(w, bn, bk)
-    mask = blocks.ne(0).flatten(2).any(-1)
-    values = blocks[mask].transpose(1, 2).contiguous()  # [nnzb, bk, bn]
-    return values, _layout(mask, N, K, bn, bk)
+    blocks, layout = dense_to_bsr(w.detach().float().cpu(), bn, bk)
+    return blocks.transpose(1, 2).contiguous(), layout  # k-major [nnzb, bk, bn]
 
 
 def pack_bsr_bf16(w: torch.Tensor, bn: int, bk: int) -> tuple[torch.Tensor, BsrLayout]:
@@ -113,13 +175,7 @@ def bsr_f32_to_dense(values: torch.Tensor, layout: BsrLayout) -> torch.Tensor:
     (differentiable in values)."""
     if values.dim() == 4:
         values = bf16_pairs_to_kmajor(values)
-    R, KB = -(-layout.N // layout.bn), -(-layout.K // layout.bk)
-    rp = layout.row_ptr.to(values.device).long()  # index on the values' device (a GPU too)
-    rows = torch.repeat_interleave(torch.arange(R, device=values.device), rp[1:] - rp[:-1])
-    dense = values.new_zeros(R * KB, layout.bn, layout.bk)
-    dense = dense.index_put((rows * KB + layout.col_idx.to(values.device).long(),), values.transpose(1, 2))
-    dense = dense.reshape(R, KB, layout.bn, layout.bk).permute(0, 2, 1, 3).reshape(R * layout.bn, KB * layout.bk)
-    return dense[: layout.N, : layout.K]
+    return bsr_to_dense(values, layout.row_ptr, layout.col_idx, layout.N, layout.K)
 
 
 @dataclass
@@ -149,10 +205,8 @@ def pack_bsr_int8(w: torch.Tensor, q: Optional[torch.Tensor] = None,
     mask = block_mask(w, bn, bk)
     # Keep only the stored blocks of q: the column sums (VNNI compensation) and the
     # reference must see exactly what the kernel multiplies.
-    em = expand_block_mask(mask, N, K, bn, bk)
-    q = (q.cpu() * em).to(torch.int8)
-    layout = _layout(mask, N, K, bn, bk)
-    qb = _blocks(q, bn, bk)[mask]  # [nnzb, 64 n, 64 k]
+    q = (q.cpu() * expand_block_mask(mask, N, K, bn, bk)).to(torch.int8)
+    qb, layout = dense_to_bsr(q, bn, bk, mask)  # [nnzb, 64 n, 64 k]
     # [n][k] -> [4 column blocks][16 k-groups][16 columns][4 k]
     values = qb.reshape(-1, 4, 16, 16, 4).permute(0, 1, 3, 2, 4).reshape(-1, bn * bk).contiguous()
     Np = -(-N // bn) * bn
@@ -173,3 +227,24 @@ def int8_blocks_to_kmajor(values: torch.Tensor) -> torch.Tensor:
 def int8_blocks_to_cpu(values: torch.Tensor) -> torch.Tensor:
     """Inverse of int8_blocks_to_kmajor: [nnzb, 64, 64] -> the CPU layout [nnzb, 4096]."""
     return values.reshape(-1, 16, 4, 4, 16).permute(0, 3, 1, 4, 2).reshape(-1, 4096).contiguous()
+
+
+def int8_bsr_to_dense(values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, N: int,
+                      K: int) -> torch.Tensor:
+    """int8 BSR values (the CPU layout [nnzb, 4096] or k-major [nnzb, 64, 64]) -> the
+    int8 weight [N, K] they hold (zeros where no block is stored)."""
+    kmajor = values.reshape(-1, *INT8_BLOCK) if values.dim() == 3 else int8_blocks_to_kmajor(values)
+    return bsr_to_dense(kmajor, row_ptr, col_idx, N, K)
+
+
+def int8_bsr_colsum(values: torch.Tensor, row_ptr: torch.Tensor, N: int) -> torch.Tensor:
+    """The per-output-channel sums [N] (int32) of the int8 weight held by int8 BSR values
+    in the CPU layout [nnzb, 4096]: what ``colsum[0, :N]`` must hold."""
+    bn, bk = INT8_BLOCK
+    R = -(-N // bn)
+    per_block = int8_blocks_to_kmajor(values).sum(1, dtype=torch.int32)  # [nnzb, 64 n]
+    rp = row_ptr.to(values.device).long()
+    rows = torch.repeat_interleave(torch.arange(R, device=values.device), rp[1:] - rp[:-1],
+                                   output_size=values.shape[0])
+    out = torch.zeros(R, bn, dtype=torch.int32, device=values.device).index_add_(0, rows, per_block)
+    return out.reshape(-1)[:N]

@@ -7,8 +7,8 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from . import _modules
-from .formats import DEFAULT_BLOCK, INT8_BLOCK, block_mask
+from . import _modules, ops
+from .formats import block_mask
 from .nn.block_sparse_linear import BlockSparseLinear
 from .prune import block_masks
 from .prune.block import check_block
@@ -34,16 +34,19 @@ def sparsify(model: nn.Module, sparsity: float, block: Optional[tuple[int, int]]
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     sparsity = check_amount(sparsity, "sparsity")
-    if dtype == torch.int8 and block is not None and tuple(check_block(block)) != INT8_BLOCK:
-        raise ValueError(f"int8 blocks are {INT8_BLOCK}, got block={block}")
-    blk = INT8_BLOCK if dtype == torch.int8 else check_block(block or DEFAULT_BLOCK)
+    if block is not None:
+        check_block(block)
     skip = _modules.normalize_skip(skip)
     _modules.check_names_exist(model, skip, "skip")
     layers = _modules.targets(model, skip, replaceable=True)
     if not layers:
         raise ValueError("model has no nn.Linear layer to sparsify (or all are skipped)")
+    # every layer's arguments are checked before any is pruned or converted
+    blocks = {name: BlockSparseLinear.check_args(lin.in_features, lin.out_features, block, dtype, lin.weight.device,
+                                                 dispatch) for name, lin in layers.items()}
 
     def build(name: str, lin: nn.Linear) -> BlockSparseLinear:
+        blk = blocks[name]
         w = lin.weight.detach()
         if 1.0 - block_mask(w, *blk).float().mean().item() < sparsity - 1e-6:
             w = w * block_masks({name: lin}, sparsity, blk)[name].to(w.dtype)
@@ -58,15 +61,31 @@ def sparsify(model: nn.Module, sparsity: float, block: Optional[tuple[int, int]]
     return _modules.replace(model, _modules.convert_once(layers, build))
 
 
+def _kernel_of(m: BlockSparseLinear) -> str:
+    """The kernel the dispatch policy runs for this layer now (what cpu_info reports)."""
+    t = next(iter(m.state_dict().values()), None)
+    dev = t.device if isinstance(t, torch.Tensor) else torch.device("cpu")
+    if m.format == "bsr":
+        dt = torch.bfloat16 if m.config.dtype == "bfloat16" else torch.float32
+        return ops.kernel_for(dev, "bsr_linear", dtype=dt, block=m.block)
+    if m.format == "bsr-int8":
+        return ops.kernel_for(dev, "bsr_int8_linear")
+    if m.format == "dense-int8":
+        return ops.kernel_for(dev, "int8_linear")
+    return "aten 2:4" if m.format == "2:4" else "aten F.linear"
+
+
 def plan_report(model: nn.Module) -> str:
-    """A table of every BlockSparseLinear: shape, density, chosen format and the timings
-    behind the choice."""
-    rows = [("layer", "shape (N x K)", "density", "format", "sparse ms", "dense ms", "2:4 ms")]
+    """A table of every BlockSparseLinear: shape, density, chosen format, the kernel it runs now
+    and the timings behind the choice."""
+    rows = [("layer", "shape (N x K)", "density", "format", "kernel", "sparse ms", "dense ms", "2:4 ms")]
     for n, m in model.named_modules():
         if isinstance(m, BlockSparseLinear):
             t = m.timings
             rows.append((n or "<model>", f"{m.out_features} x {m.in_features}", f"{m.density:.3f}", m.format,
-                         f"{t['sparse_ms']:.3f}" if t else "-", f"{t['dense_ms']:.3f}" if t else "-",
+                         _kernel_of(m),
+                         f"{t['sparse_ms']:.3f}" if "sparse_ms" in t else "-",
+                         f"{t['dense_ms']:.3f}" if "dense_ms" in t else "-",
                          f"{t['semi_structured_ms']:.3f}" if "semi_structured_ms" in t else "-"))
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)

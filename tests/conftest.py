@@ -1,5 +1,5 @@
 """Shared fixtures: the CPU ISA paths this machine can run (each forced through
-PYSPARSE_CPU_ISA, so every path at or below the best one is tested here)."""
+pysparse.cpu_isa, so every path at or below the best one is tested here)."""
 import pytest
 import torch
 
@@ -14,13 +14,13 @@ def available_isas() -> list[str]:
 
 
 @pytest.fixture(params=_ORDER)
-def isa(request, monkeypatch):
+def isa(request):
     """Run the test once per CPU path; skip paths this CPU lacks (never fail for hardware)."""
     if request.param not in available_isas():
         pytest.skip(f"CPU has no {request.param} (best: {available_isas()[-1]})")
-    monkeypatch.setenv("PYSPARSE_CPU_ISA", request.param)
-    assert pysparse.ops.kernel_for(torch.device("cpu")) == f"cpu-{request.param}"
-    return request.param
+    with pysparse.cpu_isa(request.param):
+        assert pysparse.ops.kernel_for(torch.device("cpu")) == f"cpu-{request.param}"
+        yield request.param
 
 
 @pytest.fixture(autouse=True)

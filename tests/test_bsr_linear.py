@@ -184,12 +184,12 @@ def test_bsr_grad_x_kernel_matches_float64(isa, block, M, N, K, dtype):
 
 
 @pytest.fixture(params=["0", "1"])
-def bf16_dot(request, monkeypatch):
+def bf16_dot(request):
     """bf16 blocks: the widen-to-fp32 kernels ("0") and VDPBF16PS ("1", where the CPU has it)."""
     if request.param == "1" and not pysparse.cpu_info()["features"]["avx512_bf16"]:
         pytest.skip("CPU has no AVX512-BF16")
-    monkeypatch.setenv("PYSPARSE_CPU_BF16", request.param)
-    return request.param
+    with pysparse.cpu_bf16(request.param == "1"):
+        yield request.param
 
 
 # M = 13 and 20 cross kBf16WidenOnceRows (8): the widen-once path; M = 1, 7 widen per row group
@@ -227,9 +227,9 @@ def test_bsr_bf16_layer_state_dict_and_gradients():
     assert y.dtype == torch.bfloat16
     ref = R.bsr_linear(x.double(), w.bfloat16().float(), lin.bias.detach())
     torch.testing.assert_close(y.double(), ref, rtol=2**-7, atol=1e-3)  # bf16 output rounding
-    # a saved layer loads back bit for bit; .float() on the CPU keeps the bf16 blocks
-    t = BlockSparseLinear.from_dense(_lin(pruned_weight(N, K, 64, 32, 0.5)), dtype=torch.bfloat16,
-                                     dispatch="sparse")
+    # a saved layer loads back bit for bit into an empty layer of its config; .float() on
+    # the CPU keeps the bf16 blocks (API change: the config, block count included, must match)
+    t = BlockSparseLinear.from_config(s.config)
     t.load_state_dict(s.state_dict())
     assert torch.equal(t(x), y)
     t.float()
@@ -294,12 +294,19 @@ def test_bsr_layouts_in_state_dicts():
     b16 = BlockSparseLinear.from_dense(lin, dtype=torch.bfloat16, dispatch="sparse")
     sd = b16.state_dict()
     assert sd["values"].shape == f32.values.shape  # files hold k-major blocks, whatever the device
+    # API change: a file carries its layer's config, and loads only into a layer of that
+    # config; a file from before configs (no _extra_state) converts as it always did.
     other = BlockSparseLinear.from_dense(_lin(pruned_weight(N, K, 64, 32, 0.5)), dtype=torch.bfloat16,
                                          dispatch="sparse")
-    other.load_state_dict(f32.state_dict())  # fp32 file into a bf16 layer: rounded, re-laid out
+    with pytest.raises(RuntimeError, match="_extra_state.*differs in dtype"):
+        other.load_state_dict(f32.state_dict())
+    old_f32 = {k: v for k, v in f32.state_dict().items() if k != "_extra_state"}
+    other.load_state_dict(old_f32)  # fp32 file into a bf16 layer: rounded, re-laid out
     x = torch.randn(5, K)
     assert other.values.dim() == 4 and torch.equal(other(x), b16(x))
+    assert other.config.nnz_blocks == f32.config.nnz_blocks
     g = BlockSparseLinear.from_dense(_lin(pruned_weight(N, K, 64, 32, 0.5)), dispatch="sparse")
+    sd = {k: v for k, v in sd.items() if k != "_extra_state"}
     g.load_state_dict(sd)  # bf16 file into an fp32 layer: widened exactly
     assert g.values.dtype == torch.float32 and g.values.dim() == 3
     torch.testing.assert_close(g.dense_weight(), b16.dense_weight())
@@ -347,12 +354,10 @@ def test_bsr_int8_rejects_another_n_and_repairs_old_files():
     assert torch.equal(t(x), s(x))
 
 
-def test_bf16_env_bad_value(monkeypatch):
-    monkeypatch.setenv("PYSPARSE_CPU_BF16", "yes")
-    w = pruned_weight(64, 64, 64, 32, 0.5)
-    v, lay = formats.pack_bsr_bf16(w, 64, 32)
-    with pytest.raises(ValueError, match="PYSPARSE_CPU_BF16"):
-        ops.bsr_linear(torch.randn(2, 64), v, lay.row_ptr, lay.col_idx, None, 64, 64)
+def test_bf16_mode_bad_value():
+    with pytest.raises(TypeError, match="set_cpu_bf16: mode must be True, False or None"):
+        pysparse.set_cpu_bf16("yes")
+    assert pysparse.cpu_info()["bf16_mode"] is None  # a refused mode changes nothing
 
 
 def test_block_magnitude_layer_and_global():
@@ -400,6 +405,10 @@ def test_dispatch_modes_and_repr():
 def test_state_dict_roundtrip():
     model = pysparse.sparsify(nn.Sequential(nn.Linear(128, 128)), 0.5, dispatch="sparse")
     other = pysparse.sparsify(nn.Sequential(nn.Linear(128, 128)), 0.75, dispatch="sparse")
+    # API change: another block count is another config; the error names the key and both
+    with pytest.raises(RuntimeError, match=r"0\._extra_state.*nnz_blocks.*saved BlockSparseConfig.*this layer"):
+        other.load_state_dict(model.state_dict())
+    other = nn.Sequential(pysparse.nn.from_config(model[0].config))
     other.load_state_dict(model.state_dict())
     x = torch.randn(3, 128)
     assert torch.equal(other(x), model(x))
@@ -517,5 +526,7 @@ def test_density_follows_a_loaded_state_dict():
     a = pysparse.sparsify(nn.Sequential(nn.Linear(128, 128)), 0.5, dispatch="sparse")
     b = pysparse.sparsify(nn.Sequential(nn.Linear(128, 128)), 0.75, dispatch="sparse")
     params_before = b[0].values
-    b.load_state_dict(a.state_dict())
+    # a file from before configs (no _extra_state): its block count is adopted
+    b.load_state_dict({k: v for k, v in a.state_dict().items() if not k.endswith("_extra_state")})
     assert b[0].density == a[0].density and b[0].values is params_before
+    assert b[0].config == a[0].config

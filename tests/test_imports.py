@@ -30,7 +30,9 @@ LAYERS: list[list[str]] = [
     ["pysparse.compact", "pysparse.quantize", "pysparse.sparsify"],
     ["pysparse.recover", "pysparse.compress", "pysparse.plan", "pysparse.serve"],
     ["pysparse"],  # the package's __init__ (the public API; this entry is the root module alone)
-    ["pysparse.bench", "pysparse.demo"],
+    ["pysparse.cnn_digits"],  # the digits CNN task (data, model, the prune-compact-finetune recipe)
+    ["pysparse.bench"],
+    ["pysparse.demo"],
     ["pysparse.__main__"],
 ]
 # Ordered pairs allowed inside one layer: (importer, imported).

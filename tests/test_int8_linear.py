@@ -62,14 +62,14 @@ def test_layer_matches_reference(isa, dtype, shape, group_size):
     assert torch.equal(m(x), R.int8_linear(x, q, s, lin.bias.detach(), group_size=group_size))
 
 
-def test_paths_agree_bit_for_bit(monkeypatch):
+def test_paths_agree_bit_for_bit():
     lin = nn.Linear(777, 333)
     m = Int8Linear.from_float(lin)
     x = torch.randn(19, 777)
     outs = {}
     for isa in available_isas():
-        monkeypatch.setenv("PYSPARSE_CPU_ISA", isa)
-        outs[isa] = m(x)
+        with pysparse.cpu_isa(isa):
+            outs[isa] = m(x)
     ref = outs["scalar"]
     for isa, y in outs.items():
         assert torch.equal(y, ref), isa
@@ -160,8 +160,12 @@ def test_state_dict_roundtrip_and_repr():
     x = torch.randn(3, 200)
     assert torch.equal(m(x), m2(x))
     assert "kernel=cpu-" in repr(m)
-    with pytest.raises(RuntimeError, match="weight_int8"):
+    # API change: the saved config must match (the error names the key and the field)
+    with pytest.raises(RuntimeError, match="_extra_state.*in_features"):
         Int8Linear(201, 70).load_state_dict(m.state_dict())
+    with pytest.raises(RuntimeError, match="weight_int8"):  # a file from before configs: the shapes are checked
+        Int8Linear(201, 70, group_size=64).load_state_dict(
+            {k: v for k, v in m.state_dict().items() if k != "_extra_state"})
 
 
 def test_half_keeps_scales_float32_bit_for_bit():
@@ -249,11 +253,12 @@ def test_bad_arguments():
         ops.int8_mm(torch.randn(2, 64), p, c, 16, 64)
 
 
-def test_bad_isa_env(monkeypatch):
-    monkeypatch.setenv("PYSPARSE_CPU_ISA", "sse9")
-    m = Int8Linear.from_float(nn.Linear(64, 16))
-    with pytest.raises(ValueError, match="PYSPARSE_CPU_ISA"):
-        m(torch.randn(2, 64))
+def test_bad_isa_name():
+    with pytest.raises(ValueError, match="set_cpu_isa: name='sse9' is not one of amx, avx512, avx2, scalar"):
+        pysparse.set_cpu_isa("sse9")
+    with pytest.raises(TypeError, match="name must be a str or None"):
+        pysparse.set_cpu_isa(2)
+    assert pysparse.cpu_info()["isa_cap"] is None  # a refused name changes nothing
 
 
 def test_cpu_info():
@@ -297,9 +302,16 @@ def test_state_dict_restores_static_and_smoothquant_into_a_plain_layer():
     x[:, 3] *= 30
     src = pysparse.quantize_int8(nn.Sequential(lin), activations="static", calibration_data=[x],
                                  smoothquant_alpha=0.5)[0]
-    dst = Int8Linear(64, 8)  # dynamic, no smoothing
+    # API change: a file carrying its config loads into a layer of that config only ...
+    with pytest.raises(RuntimeError, match="_extra_state.*activations, smoothquant"):
+        Int8Linear(64, 8).load_state_dict(src.state_dict())
+    dst = Int8Linear.from_config(src.config)
     dst.load_state_dict(src.state_dict())
-    assert dst.activations == "static" and dst.smooth is not None
+    assert torch.equal(dst(x), src(x))
+    # ... while a file from before configs still restores static and SmoothQuant into a plain one
+    dst = Int8Linear(64, 8)  # dynamic, no smoothing
+    dst.load_state_dict({k: v for k, v in src.state_dict().items() if k != "_extra_state"})
+    assert dst.activations == "static" and dst.smooth is not None and dst.config == src.config
     assert torch.equal(dst(x), src(x))
     with pytest.raises(RuntimeError, match="bias"):
         Int8Linear(64, 8, bias=False).load_state_dict(Int8Linear.from_float(lin).state_dict())

@@ -61,8 +61,12 @@ def test_smoothquant_moves_outliers():
                                    calibration_data=[x], smoothquant_alpha=alpha)
         err[alpha] = (m(x) - ref).pow(2).mean().item()
     assert err[0.5] < err[None] / 2, err
-    # the smoothing survives a state-dict round trip into a plain dynamic layer
+    # the smoothing survives a state-dict round trip into a layer built from the saved config
+    # (API change: a plain dynamic layer now refuses it, naming both configs)
     m2 = pysparse.quantize_int8(copy.deepcopy(nn.Sequential(lin)))
+    with pytest.raises(RuntimeError, match="smoothquant"):
+        m2.load_state_dict(m.state_dict())
+    m2 = nn.Sequential(pysparse.nn.from_config(m[0].config))
     m2.load_state_dict(m.state_dict())
     assert torch.equal(m2(x), m(x))
 

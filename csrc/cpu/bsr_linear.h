@@ -26,8 +26,10 @@ struct BsrF32Args {
 };
 // Block rows [r0, r1), all M rows. Single-threaded.
 void bsr_f32_scalar(const BsrF32Args& g, int64_t r0, int64_t r1);
+#if PYSPARSE_X86
 void bsr_f32_avx2(const BsrF32Args& g, int64_t r0, int64_t r1);
 void bsr_f32_avx512(const BsrF32Args& g, int64_t r0, int64_t r1);
+#endif
 
 // bf16 BSR: values [nnzb][bk/2][bn][2] bf16 (bk even): for each pair of inputs k, k+1 the
 // bn outputs' two weights sit side by side, the operand order of VDPBF16PS (one 32-bit lane
@@ -49,6 +51,7 @@ struct BsrBf16Args {
 // bytes (M = 1: 2x faster than fp32).
 constexpr int64_t kBf16WidenOnceRows = 8;
 void bsr_bf16_scalar(const BsrBf16Args& g, int64_t r0, int64_t r1);
+#if PYSPARSE_X86
 void bsr_bf16_avx2(const BsrBf16Args& g, int64_t r0, int64_t r1);
 void bsr_bf16_avx512(const BsrBf16Args& g, int64_t r0, int64_t r1);      // widens bf16 to fp32
 void bsr_bf16_avx512bf16(const BsrBf16Args& g, int64_t r0, int64_t r1);  // VDPBF16PS
@@ -56,10 +59,15 @@ void bsr_bf16_avx512bf16(const BsrBf16Args& g, int64_t r0, int64_t r1);  // VDPB
 // and zero columns to whole blocks (ldxb >= KB * bk); C: [32][64] fp32 scratch. It multiplies
 // whole blocks, so the blocks' padding (k >= K) must be zero, as pack_bsr_bf16 makes it.
 void bsr_bf16_amx(const BsrBf16Args& g, int64_t r0, int64_t r1, float* C);
+#endif
+// bsr_bf16_amx's C scratch, in floats: 32 rows (two 16-row tiles) x 64 columns.
+constexpr int64_t kBsrBf16AmxScratch = 32 * kPackN;
 // VDPBF16PS's MAC rate over fp32 FMA's on this core, measured in registers (about 1 ms;
 // call only where AVX512-BF16 exists). It differs by CPU: 0.5 on the development machine
 // (one VDPBF16PS per 2 cycles, 2 FMAs per cycle), so the choice is measured, not assumed.
+#if PYSPARSE_X86
 double bf16_dot_speedup();
+#endif
 
 // Gradient of the stored fp32 blocks (training with a fixed pattern): for block j of block
 // row r, out[j][k][n] = sum_m x[m][k0 + k] * g[m][r*bn + n], k-major like the values;
@@ -75,15 +83,19 @@ struct BsrGradArgs {
 };
 // Block rows [r0, r1). Single-threaded.
 void bsr_grad_values_scalar(const BsrGradArgs& a, int64_t r0, int64_t r1);
+#if PYSPARSE_X86
 void bsr_grad_values_avx2(const BsrGradArgs& a, int64_t r0, int64_t r1);
 void bsr_grad_values_avx512(const BsrGradArgs& a, int64_t r0, int64_t r1);
+#endif
 
 // Transpose blocks [bk][bn] -> [bn][bk] (fp32): dst block p = src block order[p], for p in
 // [p0, p1). bk in {16, 32, 64} (W^T's kernel widths, for the input gradient).
 void transpose_blocks_scalar(const float* src, const int32_t* order, int64_t p0, int64_t p1, int64_t bk,
                              int64_t bn, float* dst);
+#if PYSPARSE_X86
 void transpose_blocks_avx512(const float* src, const int32_t* order, int64_t p0, int64_t p1, int64_t bk,
                              int64_t bn, float* dst);
+#endif
 
 // int8 BSR: blocks of 64 outputs x 64 inputs, each stored in the dense int8 kernels'
 // layout ([4 column blocks][16 k-groups][16 columns][4 k] = 4096 bytes), so the same
@@ -97,10 +109,22 @@ struct BsrI8Args {
   const int8_t* values;  // [nnzb][4096]
   bool relu;
 };
+// Rows of x per pass of the VNNI kernel: its C scratch of 256 x 64 int32 (64 KB) stays in L2.
+constexpr int64_t kBsrI8RowsPerPass = 256;
+// The C scratch (int32) every int8 block-sparse kernel is handed: the VNNI kernel's pass
+// (kBsrI8RowsPerPass x 64), which also holds the AMX kernel's 32 x 64 and the scalar
+// kernel's one row; each kernel's unit static_asserts its own need against it.
+constexpr int64_t kBsrI8Scratch = kBsrI8RowsPerPass * kPackN;
+static_assert(kBsrI8Scratch >= 32 * kPackN, "bsr_i8_amx stores two 16-row tiles of 64 columns");
 void bsr_i8_scalar(const BsrI8Args& g, int64_t r0, int64_t r1, int32_t* cbuf, float* fbuf);
+#if PYSPARSE_X86
 void bsr_i8_avx512(const BsrI8Args& g, int64_t r0, int64_t r1, int32_t* cbuf, float* fbuf);
+#endif
 // AMX: activations s8 (no +128 shift), a padded to round_up(M, 32) zero rows; cbuf >= 32 x 64.
+// cbuf holds kBsrI8Scratch int32 for every kernel.
+#if PYSPARSE_X86
 void bsr_i8_amx(const BsrI8Args& g, int64_t r0, int64_t r1, int32_t* cbuf, float* fbuf);
+#endif
 
 }  // namespace cpu
 }  // namespace pysparse

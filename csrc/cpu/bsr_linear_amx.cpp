@@ -92,6 +92,7 @@ void bsr_bf16_amx(const BsrBf16Args& b, int64_t r0, int64_t r1, float* C) {
 }
 
 // s8 x s8 (activations quantized without the VNNI +128 shift); C: [32][64] scratch.
+static_assert(32 * kPackN <= kBsrI8Scratch, "C (two 16-row tiles x 64 columns) must fit the caller's scratch");
 void bsr_i8_amx(const BsrI8Args& b, int64_t r0, int64_t r1, int32_t* C, float*) {
   configure_tiles();  // tile state is per thread
   for (int64_t rb = r0; rb < r1; ++rb)

@@ -174,8 +174,9 @@ void grad_block_row(const BsrGradArgs& a, int64_t rb) {
 // task streams over them (the dense kernel's K blocking). Without it each 6-row step
 // re-read the block row from L2: 6.5x of the ideal 10x at density 0.1, M = 128.
 constexpr int32_t kBlocksPerPass = 8;
-// Rows per pass: the C scratch of 256 x 64 int32 (64 KB) stays in L2.
-constexpr int64_t kRowsPerPass = 256;
+// Rows per pass: the C scratch of 256 x 64 int32 (64 KB) stays in L2 (bsr_linear.h).
+constexpr int64_t kRowsPerPass = kBsrI8RowsPerPass;
+static_assert(kRowsPerPass * kPackN <= kBsrI8Scratch, "one pass of C must fit the caller's scratch");
 
 template <int MR>
 inline void i8_rows(const BsrI8Args& b, int64_t m0, int32_t blk0, int32_t blk1, int32_t* C, bool accumulate) {

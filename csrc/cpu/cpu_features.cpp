@@ -1,22 +1,20 @@
 // Run-time CPU feature detection: CPUID says what the core has, XGETBV what the OS saves
 // on a context switch, and for AMX the kernel must also grant the process permission to
-// use the 8 KB tile state (Linux >= 5.16, arch_prctl(ARCH_REQ_XCOMP_PERM)).
+// use the 8 KB tile state (Linux >= 5.16, arch_prctl(ARCH_REQ_XCOMP_PERM)). Off x86-64
+// nothing is detected and the scalar path serves.
+#include "cpu_features.h"
+
+#if PYSPARSE_X86
 #include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-
-#include <cstdlib>
-#include <cstring>
-#include <stdexcept>
-#include <string>
-
-#include "bsr_linear.h"
-#include "int8_linear.h"
+#endif
 
 namespace pysparse {
 namespace cpu {
 
 namespace {
+#if PYSPARSE_X86
 constexpr long kArchReqXcompPerm = 0x1023;
 constexpr long kXfeatureXtiledata = 18;
 
@@ -55,6 +53,9 @@ CpuFeatures detect() {
   if (f.amx_tile) f.amx_os_permission = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
   return f;
 }
+#else
+CpuFeatures detect() { return {}; }
+#endif
 }  // namespace
 
 const CpuFeatures& cpu_features() {
@@ -70,45 +71,6 @@ Isa best_isa() {
   if (vnni) return Isa::Avx512;
   if (f.avx2) return Isa::Avx2;
   return Isa::Scalar;
-}
-
-const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::Amx: return "amx";
-    case Isa::Avx512: return "avx512";
-    case Isa::Avx2: return "avx2";
-    default: return "scalar";
-  }
-}
-
-Isa selected_isa() {
-  Isa best = best_isa();
-  const char* env = std::getenv("PYSPARSE_CPU_ISA");
-  if (!env || !*env) return best;
-  Isa cap;
-  if (!std::strcmp(env, "amx")) cap = Isa::Amx;
-  else if (!std::strcmp(env, "avx512")) cap = Isa::Avx512;
-  else if (!std::strcmp(env, "avx2")) cap = Isa::Avx2;
-  else if (!std::strcmp(env, "scalar")) cap = Isa::Scalar;
-  else
-    throw std::invalid_argument(std::string("PYSPARSE_CPU_ISA='") + env +
-                                "' is not one of amx, avx512, avx2, scalar");
-  return static_cast<int>(cap) < static_cast<int>(best) ? cap : best;
-}
-
-double bf16_dot_speedup_cached() {
-  static const double s = cpu_features().avx512_bf16 ? bf16_dot_speedup() : 0.0;
-  return s;
-}
-
-bool bf16_dot_enabled() {
-  const char* env = std::getenv("PYSPARSE_CPU_BF16");
-  const bool unset = !env || !*env;
-  if (!unset && std::strcmp(env, "0") && std::strcmp(env, "1"))
-    throw std::invalid_argument(std::string("PYSPARSE_CPU_BF16='") + env + "' is not 0 or 1");
-  if (!cpu_features().avx512_bf16 || static_cast<int>(selected_isa()) < static_cast<int>(Isa::Avx512)) return false;
-  if (unset) return bf16_dot_speedup_cached() >= 1.25;
-  return env[0] == '1';
 }
 
 }  // namespace cpu

@@ -4,6 +4,8 @@
 #pragma once
 #include <cstdint>
 
+#include "isa.h"  // Isa, round_up
+
 namespace pysparse {
 namespace cpu {
 
@@ -16,13 +18,8 @@ namespace cpu {
 constexpr int64_t kPackN = 64;
 constexpr int64_t kPackK = 64;
 
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
 enum class OutType : int { F32 = 0, BF16 = 1, F16 = 2, I32 = 3 };
 enum class InType : int { F32 = 0, BF16 = 1, F16 = 2 };
-
-// The ISA paths, in increasing order; PYSPARSE_CPU_ISA caps the choice.
-enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Amx = 3 };
 
 struct GemmArgs {
   // Activations, already quantized into a zero-padded scratch [Mp][Kp]. For the
@@ -46,12 +43,14 @@ struct GemmArgs {
 // `a` has Mp = round_up(M, 32) rows (AMX reads whole 16-row tiles).
 void gemm_scalar(const GemmArgs& g, int64_t m0, int64_t m1, int64_t c0, int64_t c1,
                 int32_t* cbuf, float* fbuf);
+#if PYSPARSE_X86  // declared only where they are built: a use off x86 fails to compile
 void gemm_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t c0, int64_t c1,
               int32_t* cbuf, float* fbuf);
 void gemm_avx512(const GemmArgs& g, int64_t m0, int64_t m1, int64_t c0, int64_t c1,
                 int32_t* cbuf, float* fbuf);
 void gemm_amx(const GemmArgs& g, int64_t m0, int64_t m1, int64_t c0, int64_t c1,
              int32_t* cbuf, float* fbuf);
+#endif
 
 // Per-row dynamic (scale_in <= 0) or static (scale_in > 0) symmetric quantization of
 // rows [m0, m1) of x [M][K] (row stride ldx) into a [.][Kp] (zero padded). u8 stores
@@ -59,31 +58,14 @@ void gemm_amx(const GemmArgs& g, int64_t m0, int64_t m1, int64_t c0, int64_t c1,
 void quantize_rows_scalar(const void* x, InType t, int64_t ldx, int64_t K, int64_t Kp,
                           int64_t m0, int64_t m1, float scale_in, bool u8, int8_t* a,
                           float* scale_out);
+#if PYSPARSE_X86
 void quantize_rows_avx2(const void* x, InType t, int64_t ldx, int64_t K, int64_t Kp,
                         int64_t m0, int64_t m1, float scale_in, bool u8, int8_t* a,
                         float* scale_out);
 void quantize_rows_avx512(const void* x, InType t, int64_t ldx, int64_t K, int64_t Kp,
                           int64_t m0, int64_t m1, float scale_in, bool u8, int8_t* a,
                           float* scale_out);
-
-// CPU feature detection (cpuid + xgetbv + the AMX permission request).
-struct CpuFeatures {
-  bool avx2 = false, fma = false, f16c = false;
-  bool avx512f = false, avx512bw = false, avx512vl = false, avx512_vnni = false,
-       avx512_bf16 = false;
-  bool amx_tile = false, amx_int8 = false, amx_bf16 = false;
-  bool amx_os_permission = false;  // arch_prctl(ARCH_REQ_XCOMP_PERM) granted
-};
-const CpuFeatures& cpu_features();
-Isa best_isa();        // best path this CPU (and OS) supports
-Isa selected_isa();    // best_isa() capped by PYSPARSE_CPU_ISA (read on every call)
-// Whether the bf16 kernels use VDPBF16PS: the CPU has AVX512-BF16, the selected path is
-// AVX-512 or above, and either PYSPARSE_CPU_BF16=1 or (unset) VDPBF16PS measured at least
-// 1.25x the MAC rate of fp32 FMA here (bf16_dot_speedup, once per process). "0" forces the
-// widen-to-fp32 kernels. The variable is read on every call, so tests cover both paths.
-bool bf16_dot_enabled();
-double bf16_dot_speedup_cached();  // bf16_dot_speedup() measured once; 0 without AVX512-BF16
-const char* isa_name(Isa isa);
+#endif
 
 }  // namespace cpu
 }  // namespace pysparse

@@ -5,8 +5,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include "../cpu/bsr_linear.h"
@@ -17,6 +15,56 @@ namespace {
 
 using at::Tensor;
 using cpu::Isa;
+using cpu::Kernel;
+
+// Kernel (csrc/cpu/dispatch.h) -> function. Off x86-64 only the scalar units exist, and
+// the policy never picks anything else there (best_isa() is Scalar).
+using BsrF32Fn = void (*)(const cpu::BsrF32Args&, int64_t, int64_t);
+using BsrBf16Fn = void (*)(const cpu::BsrBf16Args&, int64_t, int64_t);
+using BsrI8Fn = void (*)(const cpu::BsrI8Args&, int64_t, int64_t, int32_t*, float*);
+using BsrGradFn = void (*)(const cpu::BsrGradArgs&, int64_t, int64_t);
+using TransposeFn = void (*)(const float*, const int32_t*, int64_t, int64_t, int64_t, int64_t, float*);
+
+BsrF32Fn f32_fn(Kernel k) {
+#if PYSPARSE_X86
+  if (k == Kernel::Avx512) return cpu::bsr_f32_avx512;
+  if (k == Kernel::Avx2) return cpu::bsr_f32_avx2;
+#endif
+  (void)k;
+  return cpu::bsr_f32_scalar;
+}
+BsrBf16Fn bf16_fn(Kernel k) {
+#if PYSPARSE_X86
+  if (k == Kernel::Avx512Bf16) return cpu::bsr_bf16_avx512bf16;
+  if (k == Kernel::Avx512Widen) return cpu::bsr_bf16_avx512;
+  if (k == Kernel::Avx2Widen) return cpu::bsr_bf16_avx2;
+#endif
+  (void)k;
+  return cpu::bsr_bf16_scalar;
+}
+BsrI8Fn i8_fn(Kernel k) {
+#if PYSPARSE_X86
+  if (k == Kernel::Amx) return cpu::bsr_i8_amx;
+  if (k == Kernel::Avx512) return cpu::bsr_i8_avx512;
+#endif
+  (void)k;
+  return cpu::bsr_i8_scalar;
+}
+BsrGradFn grad_fn(Kernel k) {
+#if PYSPARSE_X86
+  if (k == Kernel::Avx512) return cpu::bsr_grad_values_avx512;
+  if (k == Kernel::Avx2) return cpu::bsr_grad_values_avx2;
+#endif
+  (void)k;
+  return cpu::bsr_grad_values_scalar;
+}
+TransposeFn transpose_fn(Kernel k) {
+#if PYSPARSE_X86
+  if (k == Kernel::Avx512) return cpu::transpose_blocks_avx512;
+#endif
+  (void)k;
+  return cpu::transpose_blocks_scalar;
+}
 
 // Split block rows [0, R) into one contiguous range per thread with equal work, work of a
 // row = its nonzero blocks * bk + a fixed epilogue cost (bn).
@@ -93,21 +141,18 @@ Tensor bsr_linear(const Tensor& x, const Tensor& values, const Tensor& row_ptr, 
   for (int64_t i = 0; i + 1 < x.dim(); ++i) M *= x.size(i);
   Tensor out = at::empty(shape, x.options().dtype(at::kFloat));
   if (out.numel() == 0) return dt == at::kFloat ? out : out.to(dt);
-  const Isa isa = ops::isa_now();
+  const Kernel kern = ops::path(cpu::Op::BsrLinear, {bf16, bk, M});
   if (!bf16) {
     Tensor x2 = x.reshape({M, K}).to(at::kFloat);
     if (x2.stride(1) != 1 && K > 0) x2 = x2.contiguous();
     cpu::BsrF32Args g{x2.data_ptr<float>(), M, N, K, K ? x2.stride(0) : 0, bn, bk,
                       row_ptr.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), values.data_ptr<float>(),
                       bias ? bias->data_ptr<float>() : nullptr, relu, out.data_ptr<float>(), N};
-    auto fn = isa >= Isa::Avx512 ? cpu::bsr_f32_avx512 : isa == Isa::Avx2 ? cpu::bsr_f32_avx2 : cpu::bsr_f32_scalar;
+    const BsrF32Fn fn = f32_fn(kern);
     parallel_rows(g.row_ptr, R, bk, bn, [&](int64_t r0, int64_t r1) { fn(g, r0, r1); });
   } else {
-    const bool dot = ops::bf16_dot_now();
-    // AMX-BF16 for 32- and 64-deep blocks (one or two 32-k tiles), unless PYSPARSE_CPU_BF16=0
-    const char* env = std::getenv("PYSPARSE_CPU_BF16");
-    const bool amx = isa == Isa::Amx && cpu::cpu_features().amx_bf16 && (bk == 32 || bk == 64) &&
-                     !(env && !std::strcmp(env, "0"));
+    // AMX-BF16 for 32- and 64-deep blocks (one or two 32-k tiles); the policy decides
+    const bool amx = kern == Kernel::Amx;
     // The kernels read x in pairs of columns: with K odd, column K must exist and be 0. AMX
     // loads 32 rows x 32 columns per tile pair: zero rows to a multiple of 32, zero columns
     // to whole blocks.
@@ -119,23 +164,25 @@ Tensor bsr_linear(const Tensor& x, const Tensor& values, const Tensor& row_ptr, 
     // The widening paths run the fp32 kernel from kBf16WidenOnceRows rows on: x rounded to
     // bf16 (the op's semantics), then held as fp32.
     Tensor xf;
-    if (!amx && !dot && isa >= Isa::Avx2 && M >= cpu::kBf16WidenOnceRows) xf = xb.to(at::kFloat).contiguous();
+    if ((kern == Kernel::Avx512Widen || kern == Kernel::Avx2Widen) && M >= cpu::kBf16WidenOnceRows)
+      xf = xb.to(at::kFloat).contiguous();
     cpu::BsrBf16Args g{{xf.defined() ? xf.data_ptr<float>() : nullptr, M, N, K, xf.defined() ? xf.stride(0) : 0,
                         bn, bk, row_ptr.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), nullptr,
                         bias ? bias->data_ptr<float>() : nullptr, relu, out.data_ptr<float>(), N},
                        reinterpret_cast<const uint16_t*>(xb.data_ptr()), K ? xb.stride(0) : 0,
                        reinterpret_cast<const uint16_t*>(values.data_ptr())};
-    auto fn = dot                  ? cpu::bsr_bf16_avx512bf16
-              : isa >= Isa::Avx512 ? cpu::bsr_bf16_avx512
-              : isa == Isa::Avx2   ? cpu::bsr_bf16_avx2
-                                   : cpu::bsr_bf16_scalar;
+#if PYSPARSE_X86
     if (amx)
       parallel_rows(g.f.row_ptr, R, bk, bn, [&](int64_t r0, int64_t r1) {
-        thread_local std::vector<float> cbuf(32 * cpu::kPackN);
+        thread_local std::vector<float> cbuf(cpu::kBsrBf16AmxScratch);
         cpu::bsr_bf16_amx(g, r0, r1, cbuf.data());
       });
     else
+#endif
+    {
+      const BsrBf16Fn fn = bf16_fn(kern);
       parallel_rows(g.f.row_ptr, R, bk, bn, [&](int64_t r0, int64_t r1) { fn(g, r0, r1); });
+    }
   }
   return dt == at::kFloat ? out : out.to(dt);
 }
@@ -170,7 +217,8 @@ Tensor bsr_linear_grad_x(const Tensor& grad, const Tensor& values, const Tensor&
                   : values;
   const int32_t* rp = row_ptr.data_ptr<int32_t>();
   const int32_t* ci = col_idx.data_ptr<int32_t>();
-  if (bk != 16 && bk != 32 && bk != 64) {
+  const Kernel kern = ops::path(cpu::Op::BsrLinearGradX, {bf16, bk, M});
+  if (kern == Kernel::Aten) {
     Tensor out = at::zeros({M, K}, grad.options().dtype(at::kFloat));
     for (int64_t r = 0; r < R; ++r)
       for (int32_t j = rp[r]; j < rp[r + 1]; ++j) {
@@ -192,13 +240,12 @@ Tensor bsr_linear_grad_x(const Tensor& grad, const Tensor& values, const Tensor&
   Tensor vt = at::empty({nnzb, bn, bk}, v.options());
   const float* vs = v.data_ptr<float>();
   float* vd = vt.data_ptr<float>();
-  const Isa isa = ops::isa_now();
-  auto tr = isa >= Isa::Avx512 ? cpu::transpose_blocks_avx512 : cpu::transpose_blocks_scalar;
+  const TransposeFn tr = transpose_fn(kern);
   at::parallel_for(0, nnzb, 16, [&](int64_t p0, int64_t p1) { tr(vs, order.data(), p0, p1, bk, bn, vd); });
   Tensor out = at::empty({M, K}, grad.options().dtype(at::kFloat));  // the kernel writes every output
   cpu::BsrF32Args g{g2.data_ptr<float>(), M, K, N, g2.stride(0), /*bn=*/bk, /*bk=*/bn, rp_t.data(), ci_t.data(), vd,
                     nullptr, false, out.data_ptr<float>(), K};
-  auto fn = isa >= Isa::Avx512 ? cpu::bsr_f32_avx512 : isa == Isa::Avx2 ? cpu::bsr_f32_avx2 : cpu::bsr_f32_scalar;
+  const BsrF32Fn fn = f32_fn(kern);
   parallel_rows(rp_t.data(), KB, bn, bk, [&](int64_t r0, int64_t r1) { fn(g, r0, r1); });
   return out;
 }
@@ -236,10 +283,7 @@ Tensor bsr_linear_grad_values(const Tensor& grad, const Tensor& x, const Tensor&
     if (g2.stride(1) != 1) g2 = g2.contiguous();
     cpu::BsrGradArgs a{x2.data_ptr<float>(), g2.data_ptr<float>(), M, N, K, x2.stride(0), g2.stride(0), bn, bk,
                        row_ptr.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), out.data_ptr<float>()};
-    const Isa isa = ops::isa_now();
-    auto fn = isa >= Isa::Avx512 ? cpu::bsr_grad_values_avx512
-              : isa == Isa::Avx2 ? cpu::bsr_grad_values_avx2
-                                 : cpu::bsr_grad_values_scalar;
+    const BsrGradFn fn = grad_fn(ops::path(cpu::Op::BsrLinearGradValues, {bf16, bk, M}));
     parallel_rows(a.row_ptr, R, bk, bn, [&](int64_t r0, int64_t r1) { fn(a, r0, r1); });
   }
   if (!bf16) return out;
@@ -281,8 +325,11 @@ Tensor bsr_int8_linear(const Tensor& x, const Tensor& values, const Tensor& row_
   const int64_t M = x.numel() / K;
   Tensor x2 = x.reshape({M, K});
   if (x2.stride(1) != 1) x2 = x2.contiguous();
-  const Isa isa = ops::isa_now();
-  const bool amx = isa == Isa::Amx, vnni = isa == Isa::Avx512;
+  const cpu::Policy pol = ops::policy();
+  const Kernel kern = ops::path(cpu::Op::BsrInt8Linear, {false, B, M}, pol);
+  const bool amx = kern == Kernel::Amx, vnni = kern == Kernel::Avx512;
+  // the quantization runs on the selected ISA's unit (AVX2 too, where the GEMM is scalar)
+  const Isa isa = amx || vnni ? cpu::kernel_isa(kern) : std::min(cpu::selected_isa(pol), Isa::Avx2);
   // AMX loads 16-row A tiles (32 rows per pass): zero rows past M; VNNI stores x as u8
   const ops::QuantizedX q = ops::quantize_x(x2, static_scale, amx ? cpu::round_up(M, 32) : M, Kp, isa, vnni);
   int8_t* app = q.a.data_ptr<int8_t>();
@@ -291,11 +338,10 @@ Tensor bsr_int8_linear(const Tensor& x, const Tensor& values, const Tensor& row_
   cpu::BsrI8Args b{{app, M, q.a.size(0), N, Np, Kp, nullptr, colsum.data_ptr<int32_t>(), asp, w_scale.data_ptr<float>(),
                     Kp, bias ? bias->data_ptr<float>() : nullptr, out.data_ptr(), N, ot},
                    row_ptr.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), values.data_ptr<int8_t>(), relu};
-  auto fn = amx ? cpu::bsr_i8_amx : vnni ? cpu::bsr_i8_avx512 : cpu::bsr_i8_scalar;
+  const BsrI8Fn fn = i8_fn(kern);
   parallel_rows(b.row_ptr, R, B, B, [&](int64_t r0, int64_t r1) {
-    // C scratch: up to 256 rows x 64 int32 per pass (csrc/cpu/bsr_linear_avx512.cpp)
-    thread_local std::vector<int32_t> cbuf;
-    if (cbuf.size() < size_t(256 * cpu::kPackN)) cbuf.resize(256 * cpu::kPackN);
+    // C scratch: the one size every int8 block-sparse kernel asserts it fits (bsr_linear.h)
+    thread_local std::vector<int32_t> cbuf(cpu::kBsrI8Scratch);
     fn(b, r0, r1, cbuf.data(), nullptr);
   });
   return out;

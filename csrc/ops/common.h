@@ -7,6 +7,7 @@
 #include <cmath>
 #include <optional>
 
+#include "../cpu/dispatch.h"
 #include "../cpu/int8_linear.h"
 
 namespace pysparse {
@@ -14,21 +15,16 @@ namespace ops {
 
 using at::Tensor;
 
-inline cpu::Isa isa_now() {
+// The kernel this call runs (csrc/cpu/dispatch.h: the one policy, one snapshot per call).
+inline cpu::Policy policy() {
   try {
-    return cpu::selected_isa();
-  } catch (const std::exception& e) {  // a bad PYSPARSE_CPU_ISA value
-    TORCH_CHECK_VALUE(false, e.what());
-  }
-}
-
-inline bool bf16_dot_now() {
-  try {
-    return cpu::bf16_dot_enabled();
+    return cpu::policy_now();
   } catch (const std::exception& e) {  // a bad PYSPARSE_CPU_ISA / PYSPARSE_CPU_BF16 value
     TORCH_CHECK_VALUE(false, e.what());
   }
 }
+inline cpu::Kernel path(cpu::Op op, const cpu::OpShape& s, const cpu::Policy& p) { return cpu::kernel_path(op, s, p); }
+inline cpu::Kernel path(cpu::Op op, const cpu::OpShape& s = {}) { return path(op, s, policy()); }
 
 // x: CPU, float32/bfloat16/float16, last dimension K.
 inline void check_x(const Tensor& x, int64_t K, const char* op) {
@@ -91,12 +87,16 @@ inline cpu::OutType out_type(at::ScalarType dt) {
 }
 
 inline auto quant_fn(cpu::Isa isa) {
+#if PYSPARSE_X86
   switch (isa) {
     case cpu::Isa::Amx:
     case cpu::Isa::Avx512: return cpu::quantize_rows_avx512;
     case cpu::Isa::Avx2: return cpu::quantize_rows_avx2;
-    default: return cpu::quantize_rows_scalar;
+    default: break;
   }
+#endif
+  (void)isa;
+  return cpu::quantize_rows_scalar;
 }
 
 struct QuantizedX {

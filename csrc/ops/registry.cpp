@@ -1,10 +1,15 @@
 // The pysparse op registry: every op's schema, in one place. CPU kernels register in
 // csrc/ops/<op>.cpp; fake (meta) kernels and the CUDA/Triton kernels register from
-// Python (pysparse/ops.py). The pybind module only reports CPU features.
+// Python (pysparse/ops.py). The pybind module reports CPU features and holds the CPU
+// dispatch policy's switches (csrc/cpu/dispatch.h).
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include "../cpu/int8_linear.h"
+#include <stdexcept>
+#include <string>
+
+#include "../cpu/cpu_features.h"
+#include "../cpu/dispatch.h"
 
 TORCH_LIBRARY(pysparse, m) {
   // Pack int8 weights w [N, K] once into the kernels' tile layout; returns (packed, colsum).
@@ -34,10 +39,23 @@ TORCH_LIBRARY(pysparse, m) {
 }
 
 namespace {
-pybind11::dict cpu_features_dict() {
-  using namespace pysparse::cpu;
+namespace py = pybind11;
+using namespace pysparse::cpu;
+
+// Runs a policy call, turning std::invalid_argument (a bad name or environment value)
+// into Python's ValueError.
+template <class F>
+auto value_errors(F&& f) {
+  try {
+    return f();
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(e.what());
+  }
+}
+
+py::dict cpu_features_dict() {
   const CpuFeatures& f = cpu_features();
-  pybind11::dict d;
+  py::dict d;
   d["avx2"] = f.avx2;
   d["fma"] = f.fma;
   d["f16c"] = f.f16c;
@@ -51,24 +69,74 @@ pybind11::dict cpu_features_dict() {
   d["amx_bf16"] = f.amx_bf16;
   d["amx_os_permission"] = f.amx_os_permission;
   d["best_isa"] = isa_name(best_isa());
-  try {
-    d["bf16_dot"] = bf16_dot_enabled();
-    d["bf16_dot_speedup"] = bf16_dot_speedup_cached();
-  } catch (const std::exception& e) {
-    throw pybind11::value_error(e.what());
-  }
+  const Policy p = value_errors(policy_now);
+  d["bf16_dot"] = bf16_dot_enabled(p);
+  d["bf16_dot_speedup"] = bf16_dot_speedup_measured();
+  // how the bf16 kernel family was chosen: forced (set_cpu_bf16 / PYSPARSE_CPU_BF16),
+  // measured (bf16_dot_speedup at load), or unavailable (no AVX512-BF16 at the selected ISA:
+  // always the widening kernels)
+  d["bf16_dot_choice"] = bf16_choice_forced(p) ? "forced"
+                         : (f.avx512_bf16 && selected_isa(p) >= Isa::Avx512) ? "measured"
+                                                                               : "unavailable";
   return d;
 }
-std::string selected_isa_name() {
-  try {
-    return pysparse::cpu::isa_name(pysparse::cpu::selected_isa());
-  } catch (const std::exception& e) {
-    throw pybind11::value_error(e.what());
-  }
+
+std::string selected_isa_name() { return isa_name(selected_isa(value_errors(policy_now))); }
+
+std::string kernel_path_name(const std::string& op, bool bf16, int64_t bk, int64_t M) {
+  Op o;
+  if (!parse_op(op.c_str(), &o))
+    throw py::value_error("kernel_path: op must be one of int8_linear, int8_mm, bsr_linear, bsr_linear_grad_x, "
+                          "bsr_linear_grad_values, bsr_int8_linear; got '" + op + "'");
+  return kernel_name(kernel_path(o, OpShape{bf16, bk, M}, value_errors(policy_now)));
 }
+
+py::object cap_name(int cap) { return cap < 0 ? py::object(py::none()) : py::object(py::str(isa_name(Isa(cap)))); }
+
+// name: "amx" / "avx512" / "avx2" / "scalar" caps the path, None removes the cap.
+py::object set_cpu_isa(const py::object& name) {
+  int cap = -1;
+  if (!name.is_none()) {
+    if (!py::isinstance<py::str>(name))
+      throw py::type_error("set_cpu_isa: name must be a str or None, got " +
+                           std::string(py::str(py::type::handle_of(name).attr("__name__"))));
+    const std::string s = name.cast<std::string>();
+    cap = value_errors([&] { return parse_isa(s.c_str(), "set_cpu_isa: name"); });
+  }
+  return cap_name(value_errors([&] { return set_isa_cap(cap); }));
+}
+
+py::object cpu_isa_cap() { return cap_name(value_errors(policy_now).isa_cap); }
+
+py::object bf16_mode_obj(int mode) { return mode < 0 ? py::object(py::none()) : py::object(py::bool_(mode == 1)); }
+
+// mode: True (VDPBF16PS where the CPU has it), False (widen to fp32), None (measured).
+py::object set_cpu_bf16(const py::object& mode) {
+  int m = -1;
+  if (!mode.is_none()) {
+    if (!py::isinstance<py::bool_>(mode))
+      throw py::type_error("set_cpu_bf16: mode must be True, False or None, got " + std::string(py::repr(mode)));
+    m = mode.cast<bool>() ? 1 : 0;
+  }
+  return bf16_mode_obj(value_errors([&] { return set_bf16_mode(m); }));
+}
+
+py::object cpu_bf16_mode() { return bf16_mode_obj(value_errors(policy_now).bf16); }
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("cpu_features", &cpu_features_dict, "CPU features found by CPUID/XGETBV/arch_prctl");
-  m.def("selected_isa", &selected_isa_name, "ISA path the int8 kernels use now");
+  // The environment is read here, once, when pysparse loads: a bad PYSPARSE_CPU_ISA or
+  // PYSPARSE_CPU_BF16 fails the import with a ValueError naming the variable.
+  value_errors([] {
+    init_policy();
+    return 0;
+  });
+  m.def("cpu_features", &cpu_features_dict, "CPU features found by CPUID/XGETBV/arch_prctl, and the bf16 choice");
+  m.def("selected_isa", &selected_isa_name, "ISA path the int8 kernels use now (best_isa capped by set_cpu_isa)");
+  m.def("kernel_path", &kernel_path_name, py::arg("op"), py::arg("bf16") = false, py::arg("bk") = 0,
+        py::arg("M") = -1, "The CPU kernel the dispatch policy picks for op with these call facts");
+  m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"), "Cap the CPU path; returns the previous cap");
+  m.def("cpu_isa_cap", &cpu_isa_cap, "The current cap (None: none)");
+  m.def("set_cpu_bf16", &set_cpu_bf16, py::arg("mode"), "Force (True/False) or measure (None) the bf16 choice");
+  m.def("cpu_bf16_mode", &cpu_bf16_mode, "The current bf16 mode (None: measured)");
 }

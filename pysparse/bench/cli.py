@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     top = _Parser(prog="pysparse", description="pysparse tools")
     sub = top.add_subparsers(dest="command", required=True, metavar="{bench}")
     bench = sub.add_parser("bench", help="benchmark pysparse against its peers")
-    bsub = bench.add_subparsers(dest="what", required=True, metavar="{kernels,model,report}")
+    bsub = bench.add_subparsers(dest="what", required=True, metavar="{kernels,model,compact,report}")
 
     k = bsub.add_parser(
         "kernels", help="the int8 / sparse linear grids, side by side with the peers",
@@ -99,6 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input tensor shape (built-ins have defaults; their widths follow it)")
     _common(m)
 
+    from .cnn_bench import main_args
+
+    c = bsub.add_parser(
+        "compact", help="a filter-pruned CNN: pysparse's compacted model against Torch-Pruning and ONNX Runtime",
+        description="Prune 50%% of the channels of every prunable layer of a ResNet-50-shaped network (random "
+                    "weights), compact it with pysparse, and time it against the unpruned model (as is, and with "
+                    "BatchNorm folded + channels_last), Torch-Pruning on the same ratio, pysparse int8 and ONNX "
+                    "Runtime static int8, interleaved, at batch 1 and 8.")
+    main_args(c)
+    _common(c)
+
     r = bsub.add_parser("report", help="regenerate BENCHMARKS.md from results JSON files")
     r.add_argument("--json", action="append", required=True, metavar="PATH", help="a results file (repeatable)")
     r.add_argument("--out", required=True, metavar="PATH", help="the markdown file to write")
@@ -124,7 +135,7 @@ def _print_tables(doc: dict) -> None:
     for t in tables_for(doc):
         print()
         print(render_text(t))
-    if doc.get("kind") != "model":  # a model's notes are in its table
+    if doc.get("kind") not in ("model", "cnn"):  # their notes are in their tables
         for n in doc.get("notes", []):
             print(f"note: {n}")
     seen = set()
@@ -195,6 +206,17 @@ def _model(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def _compact(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .cnn_bench import from_args, run_cnn
+
+    if args.builtin not in BUILTINS:
+        raise BenchError(f"--builtin must be one of {sorted(BUILTINS)}, got {args.builtin!r}")
+    doc = run_cnn(from_args(args), argv)
+    _print_tables(doc)
+    _write_outputs(doc, args)
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from .report import write_report
 
@@ -217,6 +239,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _kernels(args, argv)
         if args.what == "model":
             return _model(args, argv)
+        if args.what == "compact":
+            return _compact(args, argv)
         return _report(args)
     except _UsageError as e:
         print(" ".join(str(e).split()), file=sys.stderr)

@@ -26,22 +26,16 @@ def base_weight(N: int, K: int) -> torch.Tensor:
 
 
 def block_prune(w: torch.Tensor, density: float, block: int = peers.PRUNE_BLOCK) -> torch.Tensor:
-    """Magnitude pruning by blocks: keep the ``density`` fraction of block x block tiles of
-    ``w`` [N, K] with the largest L1 norm, zero the rest. Shapes that blocks do not tile
-    are pruned element by element instead."""
-    N, K = w.shape
+    """``w`` [N, K] pruned as users prune it: ``pysparse.prune``'s block magnitude selection (block
+    RMS, edge blocks included), keeping the ``density`` fraction of block x block tiles."""
+    from ..prune import block_masks
+
     if density >= 1.0:
         return w.clone()
-    if N % block or K % block:
-        keep = max(1, round(density * w.numel()))
-        mask = torch.zeros(w.numel(), dtype=torch.bool)
-        mask[w.abs().flatten().topk(keep).indices] = True
-        return w * mask.view(N, K)
-    tiles = w.view(N // block, block, K // block, block)
-    norms = tiles.abs().sum(dim=(1, 3)).flatten()
-    mask = torch.zeros_like(norms, dtype=torch.bool)
-    mask[norms.topk(max(1, round(density * norms.numel()))).indices] = True
-    return (tiles * mask.view(N // block, 1, K // block, 1)).reshape(N, K)
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    return w * block_masks({"w": lin}, 1.0 - density, (block, block))["w"].to(w.dtype)
 
 
 Shapes = Optional[Sequence[tuple[int, int, int]]]  # (M, N, K) triples from the hidden --shapes

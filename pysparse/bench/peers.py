@@ -32,9 +32,11 @@ TOL_FP32, TOL_BF16, TOL_INT8 = 1e-3, 2e-2, 5e-2
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """Silence the deprecation notices of torch.ao.quantization and torchao's log lines about
-    CUDA libraries it cannot load on a CPU machine: noise in a benchmark's output."""
-    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    """Silence the deprecation notices of torch.ao.quantization, torchao's log lines about CUDA
+    libraries it cannot load on a CPU machine and ONNX Runtime's quantizer warnings: noise in a
+    benchmark's output."""
+    # "" (root): onnxruntime.quantization logs one warning per conv bias on the root logger
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree", "")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -71,7 +73,7 @@ def _quantize_rows_int8(x: torch.Tensor) -> torch.Tensor:
 
 
 def cpu_isas() -> list[str]:
-    """pysparse's CPU paths this machine can run, best first (forced via PYSPARSE_CPU_ISA)."""
+    """pysparse's CPU paths this machine can run, best first (forced via set_cpu_isa; see timing.env_set)."""
     best = pysparse.cpu_info()["best_isa"]
     return list(reversed(ISA_ORDER[: ISA_ORDER.index(best) + 1]))
 

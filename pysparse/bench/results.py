@@ -204,6 +204,25 @@ def model_tables(doc: dict) -> list[Table]:
     return tables
 
 
+def cnn_tables(doc: dict) -> list[Table]:
+    """One table per batch of a ``bench compact`` document: each contender's median, speedup over
+    the dense model given the same inference treatment, MACs and the fraction of the MAC reduction."""
+    m = doc["model"]
+    tables = []
+    for B in sorted({r["batch"] for r in doc["results"]}):
+        rows = [r for r in doc["results"] if r["batch"] == B]
+        body = [[r["contender"], fmt_ms(r["median_ms"]), fmt_ms(r["iqr_ms"]), fmt_x(r["speedup_vs_dense_folded"]),
+                 "-" if r["macs"] is None else f"{r['macs'] / 1e9:.2f}", fmt_x(r["mac_reduction"]),
+                 "-" if r["fraction_of_mac_reduction"] is None else f"{r['fraction_of_mac_reduction']:.2f}",
+                 "-" if r.get("rel_err") is None else f"{r['rel_err']:.1e}"] for r in rows]
+        shape = ",".join(map(str, m["input_shape"]))
+        tables.append(Table(f"{m['name']} ({shape}), {m['amount']:.0%} of channels pruned, batch {B}",
+                            ["contender", "median ms", "IQR ms", "vs dense-folded", "GMACs", "MAC reduction",
+                             "of MAC reduction", "rel. error"], body, list(doc.get("notes", [])) if B == 1 else []))
+    return tables
+
+
 def tables_for(doc: dict) -> list[Table]:
     """The tables of any results document, by its kind."""
-    return model_tables(doc) if doc.get("kind") == "model" else kernel_tables(doc)
+    kind = doc.get("kind")
+    return model_tables(doc) if kind == "model" else cnn_tables(doc) if kind == "cnn" else kernel_tables(doc)

@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
+from .. import ops
+
 
 @dataclass(frozen=True)
 class TimingConfig:
@@ -88,7 +90,7 @@ class Timed:
     """One thing to time: ``fn()`` is one call (a layer forward on the next weight set).
 
     env: environment variables set during this contender's turns (PYSPARSE_CPU_ISA picks a
-    kernel path at each op call). check: given the first call's output, returns a number
+    kernel path, through pysparse.set_cpu_isa: see env_set). check: given the first call's output, returns a number
     to record (the relative error against the reference).
     """
 
@@ -98,14 +100,35 @@ class Timed:
     check: Optional[Callable[[Any], float]] = None
 
 
+# pysparse reads these once, at import: during a run they switch through its setters
+# (one atomic switch the kernels read), never through os.environ.
+_POLICY_SETTERS = {
+    "PYSPARSE_CPU_ISA": lambda v: ops.set_cpu_isa(v or None),
+    "PYSPARSE_CPU_BF16": lambda v: ops.set_cpu_bf16(None if not v else {"0": False, "1": True}[v]),
+}
+
+
 @contextlib.contextmanager
 def env_set(overrides: Mapping[str, str]) -> Iterator[None]:
-    """Set environment variables for the duration of the block, then restore them."""
-    old = {k: os.environ.get(k) for k in overrides}
-    os.environ.update(overrides)
+    """Set environment variables for the duration of the block, then restore them.
+
+    PYSPARSE_CPU_ISA / PYSPARSE_CPU_BF16 ("0"/"1") go to pysparse.set_cpu_isa /
+    set_cpu_bf16 instead (the environment is read only at import).
+    """
+    for k, v in overrides.items():
+        if k == "PYSPARSE_CPU_BF16" and v not in ("", "0", "1"):
+            raise ValueError(f"env_set: PYSPARSE_CPU_BF16 must be '0' or '1', got {v!r}")
+    env = {k: v for k, v in overrides.items() if k not in _POLICY_SETTERS}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    prev = {k: _POLICY_SETTERS[k](v) for k, v in overrides.items() if k in _POLICY_SETTERS}
     try:
         yield
     finally:
+        if "PYSPARSE_CPU_ISA" in prev:
+            ops.set_cpu_isa(prev["PYSPARSE_CPU_ISA"])
+        if "PYSPARSE_CPU_BF16" in prev:
+            ops.set_cpu_bf16(prev["PYSPARSE_CPU_BF16"])
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -1,6 +1,7 @@
 """Int8Linear: a drop-in nn.Linear with int8 weights and int8 activations."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -8,11 +9,10 @@ from torch import nn
 
 from .. import ops
 from ..reference import quantize_weight
+from .config import ConfigState, Int8LinearConfig, config_from_dict, drop_key
 
-_ACTIVATIONS = ("dynamic", "static")
 
-
-class Int8Linear(nn.Module):
+class Int8Linear(ConfigState, nn.Module):
     """y = x @ W^T + b with W int8 (symmetric, per output channel or per group along K)
     and x quantized to int8 per row at run time ("dynamic") or with a calibrated
     per-tensor scale ("static"). The weight is packed once, here, into the kernels'
@@ -23,29 +23,44 @@ class Int8Linear(nn.Module):
     Output: [..., out_features] in x's dtype.
 
     The state dict holds the plain int8 weight [N, K] and scales (not the packed layout),
-    so a saved model loads on any CPU path or on a GPU.
+    so a saved model loads on any CPU path or on a GPU, and the layer's config
+    (``layer.config``, an Int8LinearConfig) as ``_extra_state``; ``from_config`` builds an
+    empty layer of a config (meta device too) that such a state dict loads into. Loading
+    checks what it loads (dtypes, shapes, finite scales) and names the key at fault.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group_size: int = 0,
-                 activations: str = "dynamic", device: Optional[torch.device] = None) -> None:
+                 activations: str = "dynamic", smoothquant: bool = False,
+                 device: Optional[torch.device] = None) -> None:
         super().__init__()
-        if activations not in _ACTIVATIONS:
-            raise ValueError(f"activations must be one of {_ACTIVATIONS}, got {activations!r}")
-        if group_size < 0 or group_size % ops.PACK_K:
-            raise ValueError(f"group_size must be 0 (per output channel) or a positive multiple of "
-                             f"{ops.PACK_K}, got {group_size}")
-        self.in_features, self.out_features = int(in_features), int(out_features)
-        self.group_size, self.activations = int(group_size), activations
+        cfg = Int8LinearConfig(int(in_features), int(out_features), bool(bias), int(group_size), activations,
+                               bool(smoothquant))
+        self._config = cfg
+        self.in_features, self.out_features = cfg.in_features, cfg.out_features
+        self.group_size, self.activations = cfg.group_size, cfg.activations
         device = torch.device(device or "cpu")
-        G = ops.packed_k(self.in_features, group_size) // group_size if group_size else 1
+        G = ops.packed_k(self.in_features, self.group_size) // self.group_size if self.group_size else 1
         w = torch.zeros(self.out_features, self.in_features, dtype=torch.int8, device=device)
         packed, colsum = ops.int8_pack(w, self.group_size)
-        self.register_buffer("packed", packed)
-        self.register_buffer("colsum", colsum)
-        self.register_buffer("w_scale", torch.ones(G, colsum.shape[1], device=device))
-        self.register_buffer("bias", torch.zeros(self.out_features, device=device) if bias else None)
+        # The packed layout is per device, so it is not what is saved: the state dict holds
+        # weight_int8 [N, K] and weight_scale [N, G] (see _save_to_state_dict).
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("colsum", colsum, persistent=False)
+        self.register_buffer("w_scale", torch.ones(G, colsum.shape[1], device=device), persistent=False)
+        self.register_buffer("bias", torch.zeros(self.out_features, device=device) if cfg.bias else None)
         self.register_buffer("x_scale", torch.ones(1, device=device) if activations == "static" else None)
-        self.register_buffer("smooth", None)  # 1 / SmoothQuant factors [in_features], or None
+        # 1 / SmoothQuant factors [in_features], or None
+        self.register_buffer("smooth", torch.ones(self.in_features, device=device) if cfg.smoothquant else None)
+
+    @classmethod
+    def from_config(cls, config: Int8LinearConfig, device: Optional[torch.device] = None) -> "Int8Linear":
+        """An empty layer (zero weights, unit scales) of ``config`` on ``device`` (meta
+        too), ready for ``load_state_dict``. ``config`` may also be its ``to_dict()``."""
+        config = config_from_dict(config)
+        if not isinstance(config, Int8LinearConfig):
+            raise TypeError(f"config must be an Int8LinearConfig, got {type(config).__name__}")
+        return cls(config.in_features, config.out_features, config.bias, group_size=config.group_size,
+                   activations=config.activations, smoothquant=config.smoothquant, device=device)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, *, group_size: int = 0, activations: str = "dynamic",
@@ -65,13 +80,15 @@ class Int8Linear(nn.Module):
         if not torch.isfinite(w).all():
             raise ValueError("linear.weight holds NaN or Inf; cannot quantize it")
         dev = w.device
-        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size=group_size,
-                  activations=activations, device=dev)
-        w = w.float()
         if smooth is not None:
             smooth = smooth.detach().float().to(dev)
-            if smooth.shape != (linear.in_features,) or not bool((smooth > 0).all()):
-                raise ValueError(f"smooth must be positive of shape [{linear.in_features}]")
+            if smooth.shape != (linear.in_features,) or not bool((smooth > 0).all()) \
+                    or not bool(torch.isfinite(smooth).all()):
+                raise ValueError(f"smooth must be finite and positive of shape [{linear.in_features}]")
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size=group_size,
+                  activations=activations, smoothquant=smooth is not None, device=dev)
+        w = w.float()
+        if smooth is not None:
             w = w * smooth
             mod.smooth = 1.0 / smooth
         mod._set_weight(w)
@@ -114,59 +131,102 @@ class Int8Linear(nn.Module):
         return torch.ops.pysparse.int8_linear(x, self.packed, self.colsum, self.w_scale, self.bias,
                                               self.x_scale, self.out_features, self.in_features)
 
-    # The packed layout is per device: moving the layer re-packs (the int8 values and
-    # scales are untouched), and scales and bias stay float32 under .half()/.bfloat16().
+    # The packed layout is per device type: moving the layer between the CPU and a GPU
+    # re-packs (the int8 values and scales are untouched); anything else (.to() the same
+    # device, .float(), .half(), another GPU) leaves the packed weight as it is. Scales and
+    # bias stay float32 under .half()/.bfloat16().
     def _apply(self, fn, recurse: bool = True):
-        q, _ = self.weight_int8()
+        old = self.packed.device
         # float32 state is kept bit for bit: snapshot it, let fn move the module (it may
         # also cast floats, e.g. .half()), then put the snapshot on the new device.
         keep = {n: getattr(self, n) for n in ("w_scale", "bias", "x_scale", "smooth") if getattr(self, n) is not None}
+        q = None
+        if old.type != "meta":  # unpacking is cheap next to a move; skip it where nothing moves
+            probe = fn(torch.empty(0, dtype=torch.int32, device=old))
+            if probe.device.type != old.type:
+                q, _ = self.weight_int8()
         super()._apply(fn, recurse)
         dev = self.colsum.device  # int32: moved by fn, never cast
-        self.packed, self.colsum = ops.int8_pack(q.to(dev), self.group_size)
+        if dev.type != old.type:
+            if q is None:  # from meta (e.g. to_empty): there are no values to keep, only the shapes
+                q = torch.zeros(self.out_features, self.in_features, dtype=torch.int8)
+            self.packed, self.colsum = ops.int8_pack(q.to(dev), self.group_size)
         for name, t in keep.items():
+            if getattr(self, name).device.type == "meta" or t.device.type == "meta":
+                continue  # to or from meta: fn's tensor (empty) is all there is
             setattr(self, name, t.to(dev))
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # super saves the persistent buffers (bias, x_scale, smooth, any a user or subclass
+        # added) and the config (_extra_state); the weight is saved unpacked, in no
+        # device's layout.
+        super()._save_to_state_dict(destination, prefix, keep_vars)
         q, s = self.weight_int8()
         destination[prefix + "weight_int8"] = q
         destination[prefix + "weight_scale"] = s
-        for name in ("bias", "x_scale", "smooth"):
-            t = getattr(self, name)
-            if t is not None:
-                destination[prefix + name] = t if keep_vars else t.detach()
+
+    def _validate(self, state_dict: dict, prefix: str) -> list[str]:
+        """What is wrong with the tensors this layer would load (errors naming the key)."""
+        errs = []
+        G = self.w_scale.shape[0]
+        N, K = self.out_features, self.in_features
+        want = {"weight_int8": (torch.int8, (N, K)), "weight_scale": (torch.float32, (N, G))}
+        if self.bias is not None:
+            want["bias"] = (torch.float32, (N,))
+        if self.x_scale is not None:
+            want["x_scale"] = (torch.float32, (1,))
+        if self.smooth is not None:
+            want["smooth"] = (torch.float32, (K,))
+        for n, (dt, shape) in want.items():
+            t = state_dict.get(prefix + n)
+            if t is None:
+                continue  # reported as missing by torch
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dt:
+                errs.append(f"{prefix}{n}: expected {dt} of shape {list(shape)}, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', ()))}")
+            elif t.device.type != "meta" and n not in ("weight_int8", "bias") and not bool(torch.isfinite(t).all()):
+                errs.append(f"{prefix}{n}: holds NaN or Inf (every scale must be finite)")
+            elif t.device.type != "meta" and n in ("x_scale", "smooth") and not bool((t > 0).all()):
+                errs.append(f"{prefix}{n}: must be > 0")
+        return errs
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # x_scale (static activations) and smooth (SmoothQuant) come with the saved layer:
-        # adopt them, so loading into a plain Int8Linear(K, N) restores the same layer.
-        dev = self.packed.device
-        if prefix + "x_scale" in state_dict and self.x_scale is None:
-            self.x_scale = torch.ones(1, device=dev)
-            self.activations = "static"
-        if prefix + "smooth" in state_dict and self.smooth is None:
-            self.smooth = torch.ones(self.in_features, device=dev)
-        if prefix + "bias" in state_dict and self.bias is None:
-            unexpected_keys.append(prefix + "bias")  # a layer built with bias=False
-        names = ["weight_int8", "weight_scale"] + [n for n in ("bias", "x_scale", "smooth")
-                                                   if getattr(self, n) is not None]
-        for n in names:
+        has_config = self._check_extra_state(state_dict, prefix, missing_keys, error_msgs)
+        if has_config is None:
+            return
+        if not has_config:
+            # A file from before configs: x_scale (static activations) and smooth
+            # (SmoothQuant) come with the saved layer; adopt them, so loading into a plain
+            # Int8Linear(K, N) restores the same layer, as such files always did.
+            dev = self.packed.device
+            if prefix + "x_scale" in state_dict and self.x_scale is None:
+                self.x_scale = torch.ones(1, device=dev)
+                self.activations = "static"
+            if prefix + "smooth" in state_dict and self.smooth is None:
+                self.smooth = torch.ones(self.in_features, device=dev)
+            self._config = dataclasses.replace(self._config, activations=self.activations,
+                                               smoothquant=self.smooth is not None)
+        errs = self._validate(state_dict, prefix)
+        if errs:  # load nothing: the layer stays as it was
+            error_msgs.extend(errs)
+            return
+        n_errors = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if len(error_msgs) > n_errors:
+            return  # torch refused a tensor: leave the weight as it was
+        if not has_config:
+            drop_key(missing_keys, prefix + "_extra_state")
+        for n in ("weight_int8", "weight_scale"):
+            drop_key(unexpected_keys, prefix + n)
             if prefix + n not in state_dict:
                 missing_keys.append(prefix + n)
-        if any(prefix + n not in state_dict for n in names):
-            return
-        q, s = state_dict[prefix + "weight_int8"], state_dict[prefix + "weight_scale"]
-        G = self.w_scale.shape[0]
-        if q.dtype != torch.int8 or tuple(q.shape) != (self.out_features, self.in_features) \
-                or tuple(s.shape) != (self.out_features, G):
-            error_msgs.append(f"{prefix}weight_int8/weight_scale: expected int8 [{self.out_features}, "
-                              f"{self.in_features}] and [{self.out_features}, {G}], got {q.dtype} "
-                              f"{tuple(q.shape)} and {tuple(s.shape)}")
-            return
-        self._set_quantized(q, s.to(self.packed.device))
-        for n in names[2:]:
-            getattr(self, n).copy_(state_dict[prefix + n])
+        if prefix + "weight_int8" in state_dict and prefix + "weight_scale" in state_dict:
+            q, s = state_dict[prefix + "weight_int8"], state_dict[prefix + "weight_scale"]
+            if self.packed.device.type != "meta":  # loading into meta tensors is a no-op in torch too
+                self._set_quantized(q, s.to(self.packed.device))
 
     def extra_repr(self) -> str:
         kernel = ops.kernel_for(self.packed.device)
