@@ -71,3 +71,17 @@ def block_scores(w: torch.Tensor, bn: int, bk: int, criterion: str = "l2",
     count = _blocks(torch.ones_like(e), bn, bk).sum((-1, -2)).clamp(min=1)
     s = s / count
     return s.sqrt() if criterion == "l2" else s
+
+
+# Channel (filter) pruning adds one criterion that scores a channel by the BatchNorm after it
+# rather than by the producer's weights: network slimming (Liu et al. 2017), |gamma|.
+CHANNEL_CRITERIA = CRITERIA + ("bn_scale",)
+
+
+def bn_scale(bn: torch.nn.Module) -> torch.Tensor:
+    """|gamma| of a BatchNorm, one score per channel (float32); a BatchNorm without an affine
+    weight scales every channel by 1."""
+    w = getattr(bn, "weight", None)
+    if w is None:
+        return torch.ones(bn.num_features)
+    return w.detach().float().abs()

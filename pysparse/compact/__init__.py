@@ -1,0 +1,102 @@
+"""Compaction: physically remove the channels a pruned model computes as exactly zero.
+
+``pysparse.compact(model, example_inputs)`` traces the model (torch.fx), builds its channel
+dependency graph (``pysparse._depgraph``), finds in each group of coupled channels the ones
+that are exactly zero wherever they are read, and slices them out of every layer: Conv2d
+(output rows, input channels; grouped and depthwise convs keep equal groups), ConvTranspose2d,
+BatchNorm (weight, bias, running statistics), Linear (output rows; input features, ``H*W`` per
+channel after a flatten), and the split sizes and reshapes that name channel counts. The result
+computes what the pruned model computes, with fewer MACs and values.
+
+A channel is removable when its value is exactly 0 for every input: every producer's effective
+weight row (read through ``.weight``, so torch.nn.utils.parametrize masks count) and bias are
+zero, and each BatchNorm on the way has weight and bias zero there (``pysparse.prune.filters``
+masks all of these). Where the members of one residual sum have different zero channels (masks
+a user made by hand), compaction keeps the union of their live channels: the result is still
+exact, only smaller by less (a partial-overlap kernel is the job of CompactConv2d). A group that
+feeds or comes from a grouped conv keeps the same number of channels in each conv group.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Sequence, Union
+
+import torch
+from torch import fx, nn
+from torch.nn.utils import parametrize
+
+from .._depgraph import (ChannelGraph, ChannelGraphError, ChannelGroup, NotTraceableError, _as_tuple, _shape_of,
+                         build_graph, channel_groups)
+from ._fold import fold_batchnorm, to_channels_last
+from ._keep import channel_zeros, keep_sets
+from ._slice import apply, plan, rewrite
+
+__all__ = ["compact", "channel_groups", "ChannelGroup", "ChannelGraphError", "NotTraceableError"]
+
+
+def _remove_parametrizations(model: nn.Module) -> None:
+    for m in list(model.modules()):
+        if parametrize.is_parametrized(m):
+            # remove_parametrizations deletes the property from the module's generated class,
+            # and a deep copy shares that class with the original: removing it here would break
+            # the user's model (AttributeError: no attribute 'weight'). Give this module its own.
+            cls = type(m)
+            m.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+            for name in list(m.parametrizations.keys()):
+                # leave_parametrized: the plain parameter keeps the masked values
+                parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+
+
+def compact(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.Tensor]], *, fold_bn: bool = True,
+            channels_last: bool = True, inplace: bool = False) -> fx.GraphModule:
+    """A copy of ``model`` with its exactly-zero channels physically removed.
+
+    model: a pruned model (masks through torch.nn.utils.parametrize, or weights zeroed in
+      place) that torch.fx can trace.
+    example_inputs: a tensor or tuple of tensors for the model's forward (one small batch; the
+      shapes fix the flatten sizes, and the compacted model expects the same spatial size where
+      a map is flattened into a Linear).
+    fold_bn: fold each BatchNorm into the conv/Linear before it (where that layer feeds only the
+      BatchNorm). Keep False to fine-tune the compacted model with its BatchNorms.
+    channels_last: put 4-D weights and the model's 4-D inputs in channels_last.
+    inplace: work on ``model`` itself instead of a deep copy (its layers are sliced and its
+      parametrizations removed). Everything is checked before the first change, but the model's
+      layers are shared with the result.
+
+    Returns an eval-mode torch.fx.GraphModule whose outputs equal ``model``'s in eval mode (up to
+    float rounding: BatchNorm folding reorders the arithmetic). Without ``inplace`` the input
+    model is never modified.
+
+    Raises NotTraceableError (the module that did not trace), ChannelGraphError (an operation
+    whose channels cannot be followed, naming the node and the layer, or example_inputs that do
+    not fit the model), TypeError (a model or inputs of the wrong kind).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inputs = _as_tuple(example_inputs)
+    work = model if inplace else copy.deepcopy(model)
+    g = build_graph(work, inputs)  # traces and runs once: every error the user can cause is raised here
+    ref_shape = _shape_of_output(g)
+    with torch.no_grad():
+        keep = keep_sets(g, channel_zeros(g))
+        planned = plan(g, keep)
+    # -- from here on the (copied) model changes
+    _remove_parametrizations(work)
+    apply(g, planned)
+    rewrite(g, keep)
+    gm = g.gm
+    gm.eval()
+    if fold_bn:
+        fold_batchnorm(gm)
+    if channels_last:
+        to_channels_last(gm)
+    with torch.no_grad():
+        got = _shape_of(gm(*inputs))
+    if got != ref_shape:  # a bookkeeping bug must never hand back a wrong model silently
+        raise AssertionError(f"pysparse internal: the compacted model returns shape {got}, the model {ref_shape}")
+    return gm
+
+
+def _shape_of_output(g: ChannelGraph):
+    out = next(n for n in g.gm.graph.nodes if n.op == "output")
+    return out.meta.get("pysparse_shape")
