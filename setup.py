@@ -28,6 +28,8 @@ ISA_SOURCES = {
                                         "-mavx2", "-mfma", "-mf16c"],
     "csrc/cpu/bsr_linear_amx.cpp": ["-mamx-tile", "-mamx-int8", "-mamx-bf16", "-mavx512f", "-mavx512bw",
                                     "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c"],
+    "csrc/cpu/int8_conv2d_scalar.cpp": [],
+    "csrc/cpu/int8_conv2d_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
     "csrc/cpu/int8_linear_amx.cpp": ["-mamx-tile", "-mamx-int8", "-mavx512f", "-mavx512bw",
                                      "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c"],
 }
@@ -48,7 +50,8 @@ class BuildWithIsaUnits(BuildExtension):
 
 ext = CppExtension(
     "pysparse._C",
-    sources=["csrc/ops/registry.cpp", "csrc/ops/int8_linear.cpp", "csrc/ops/bsr_linear.cpp", "csrc/cpu/cpu_features.cpp"],
+    sources=["csrc/ops/registry.cpp", "csrc/ops/int8_linear.cpp", "csrc/ops/bsr_linear.cpp", "csrc/cpu/cpu_features.cpp",
+             "csrc/ops/int8_conv2d.cpp"],
     include_dirs=[os.path.join(ROOT, "csrc")],
     # -fopenmp: this torch's at::parallel_for is OpenMP, inlined from headers; without the
     # flag it silently runs on one thread (measured: cpu/wall 0.99 with 2 threads set).

@@ -1,0 +1,75 @@
+// Shared, ISA-agnostic pieces of the depthwise int8 convolution: the per-pixel loop over
+// taps and the epilogue. Included by each int8_conv2d_<isa>.cpp unit and compiled with its
+// flags (internal linkage, see int8_linear_impl.h for why); -ffp-contract=off keeps the
+// epilogue's roundings the same on every path.
+#pragma once
+#include <cmath>
+
+#include "int8_conv2d.h"
+
+namespace pysparse {
+namespace cpu {
+namespace {
+namespace dwdetail {
+
+// Whether any input pixel under output pixel (n, oh, ow)'s window held NaN/Inf.
+inline bool window_bad(const DwArgs& a, int64_t n, int64_t oh, int64_t ow) {
+  const ConvGeom& g = a.geom;
+  for (int64_t ki = 0; ki < g.kh; ++ki) {
+    const int64_t ih = oh * g.sh - g.ph + ki * g.dh;
+    if (ih < 0 || ih >= g.H) continue;
+    for (int64_t kj = 0; kj < g.kw; ++kj) {
+      const int64_t iw = ow * g.sw - g.pw + kj * g.dw;
+      if (iw >= 0 && iw < g.W && a.pix_bad[(n * g.H + ih) * g.W + iw]) return true;
+    }
+  }
+  return false;
+}
+
+// Channels [c0, c1) of one output pixel: int32 sums into acc[c0..c1), exact (kh*kw*16384
+// < 2^31 for any kernel up to 362 x 362).
+inline void accumulate_scalar(const DwArgs& a, int64_t n, int64_t oh, int64_t ow, int64_t c0,
+                              int64_t c1, int32_t* acc) {
+  const ConvGeom& g = a.geom;
+  for (int64_t c = c0; c < c1; ++c) acc[c] = 0;
+  for (int64_t ki = 0; ki < g.kh; ++ki) {
+    const int64_t ih = oh * g.sh - g.ph + ki * g.dh;
+    if (ih < 0 || ih >= g.H) continue;
+    for (int64_t kj = 0; kj < g.kw; ++kj) {
+      const int64_t iw = ow * g.sw - g.pw + kj * g.dw;
+      if (iw < 0 || iw >= g.W) continue;
+      const int8_t* xp = a.x + ((n * g.H + ih) * g.W + iw) * g.C;
+      const int8_t* wp = a.w + (ki * g.kw + kj) * g.C;
+      for (int64_t c = c0; c < c1; ++c) acc[c] += int32_t(xp[c]) * int32_t(wp[c]);
+    }
+  }
+}
+
+// out[c] = act(((float(acc[c]) * w_scale[c]) * sa) + bias[c]) for c in [c0, c1).
+inline void store(const DwArgs& a, const int32_t* acc, float sa, int64_t c0, int64_t c1, float* out) {
+  for (int64_t c = c0; c < c1; ++c) {
+    float v = static_cast<float>(acc[c]) * a.w_scale[c];
+    v = v * sa;
+    if (a.bias) v = v + a.bias[c];
+    out[c] = apply_act(v, a.act);
+  }
+}
+
+// The driver: `acc_fn(n, oh, ow, acc)` fills acc[0..C) for one output pixel.
+template <class AccFn>
+void depthwise_rows(const DwArgs& a, int64_t r0, int64_t r1, int32_t* acc, AccFn&& acc_fn) {
+  const ConvGeom& g = a.geom;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / g.Ho, oh = r % g.Ho;
+    for (int64_t ow = 0; ow < g.Wo; ++ow) {
+      acc_fn(n, oh, ow, acc);
+      const float sa = window_bad(a, n, oh, ow) ? std::nanf("") : a.img_scale[n];
+      store(a, acc, sa, 0, g.C, a.out + ((n * g.Ho + oh) * g.Wo + ow) * g.C);
+    }
+  }
+}
+
+}  // namespace dwdetail
+}  // namespace
+}  // namespace cpu
+}  // namespace pysparse
