@@ -134,6 +134,26 @@ def test_extreme_sums_exact(isa):
     assert torch.equal(y, acc.float().contiguous(memory_format=torch.channels_last))
 
 
+def test_quantize_ties_clamps_and_tails(isa):
+    # Ties round half to even (x * (1 / s) = k + 0.5 exactly), values past the scale clamp
+    # to -128 / 127, and 40 channels = one 32-wide vector step + an 8-channel tail.
+    cin = 40
+    x = (torch.randint(-140, 140, (2, cin, 5, 6)).float() + 0.5)
+    x[0, :, 0, 0] = torch.tensor([1e30, -1e30, 3e-39, -0.0] * 10)
+    wq = torch.randint(-127, 128, (8, cin, 1, 1), dtype=torch.int8)
+    packed, colsum = opc.int8_conv2d_pack(wq, 1)
+    ws = opc.w_scale_packed(torch.ones(8), 8, cin, 1, 1, 1)
+    for k, s in ((1, 1), (3, 2)):  # the direct 1x1 path and the gather path quantize alike
+        if k == 3:
+            wq = torch.randint(-127, 128, (8, cin, 3, 3), dtype=torch.int8)
+            packed, colsum = opc.int8_conv2d_pack(wq, 1)
+            ws = opc.w_scale_packed(torch.ones(8), 8, cin, 3, 3, 1)
+        for xs in (torch.tensor([1.0]), None):
+            y = opc.int8_conv2d(x, packed, colsum, ws, None, xs, (k, k), (s, s), (k // 2, k // 2), (1, 1), 1,
+                                cin, 8)
+            assert torch.equal(y, R.int8_conv2d(x, wq, torch.ones(8), None, xs, s, k // 2)), (k, xs)
+
+
 def test_pack_layouts():
     wq = torch.randint(-127, 128, (70, 12, 3, 3), dtype=torch.int8)
     packed, colsum = opc.int8_conv2d_pack(wq, 1)

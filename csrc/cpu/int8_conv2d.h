@@ -87,6 +87,19 @@ inline void gather_patches(const ConvGeom& g, const int8_t* qx, const uint8_t* p
 
 }  // namespace
 
+// Static quantization of rows [m0, m1) of x (K floats a row, row stride ldx) into
+// a + m * lda (columns K..lda get the quantized zero), with the rounding of quantize_rows:
+// q = round-half-even(clamp(x * (1 / scale), -128, 127)), NaN -> 0; u8 stores q ^ 0x80.
+// bad[m] = 1 where row m holds NaN or Inf. (Ours, not quantize_rows_*: that one is
+// scalar code, 2 ns an element here, the whole cost of a 1x1 conv's float round trip.)
+void quantize_pixels_scalar(const float* x, int64_t ldx, int64_t K, int64_t lda, int64_t m0, int64_t m1,
+                            float scale, bool u8, int8_t* a, uint8_t* bad);
+void quantize_pixels_avx2(const float* x, int64_t ldx, int64_t K, int64_t lda, int64_t m0, int64_t m1,
+                          float scale, bool u8, int8_t* a, uint8_t* bad);
+// The largest finite |x[i]| over n values (0 when there is none): the dynamic scale.
+float amax_finite_scalar(const float* x, int64_t n);
+float amax_finite_avx2(const float* x, int64_t n);
+
 // Depthwise: output channel c reads only input channel c. Weight wt [kh*kw][C] (tap
 // major, so a tap's weights for all channels are contiguous like the NHWC input).
 struct DwArgs {

@@ -36,5 +36,58 @@ void depthwise_avx2(const DwArgs& a, int64_t r0, int64_t r1, int32_t* acc) {
   });
 }
 
+// 32 floats a step: x * inv, NaN -> 0 (an unordered compare), clamp, round half even
+// (VROUNDPS nearest = nearbyint in the default rounding mode), then packed to s8 (the
+// values are already in range, so the saturating packs are exact).
+void quantize_pixels_avx2(const float* x, int64_t ldx, int64_t K, int64_t lda, int64_t m0, int64_t m1,
+                          float scale, bool u8, int8_t* a, uint8_t* bad) {
+  const float inv = 1.0f / scale;
+  const int8_t shift = u8 ? int8_t(-128) : int8_t(0);
+  const __m256 vinv = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-128.f), hi = _mm256_set1_ps(127.f);
+  const __m256 fmax = _mm256_set1_ps(3.4028235e38f);
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7), vshift = _mm256_set1_epi8(shift);
+  const int64_t K32 = K / 32 * 32;
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xm = x + m * ldx;
+    int8_t* am = a + m * lda;
+    __m256 finite = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    for (int64_t k = 0; k < K32; k += 32) {
+      __m256i q[4];
+      for (int j = 0; j < 4; ++j) {
+        const __m256 xv = _mm256_loadu_ps(xm + k + 8 * j);
+        finite = _mm256_and_ps(finite, _mm256_cmp_ps(_mm256_and_ps(xv, absmask), fmax, _CMP_LE_OQ));
+        __m256 v = _mm256_mul_ps(xv, vinv);
+        v = _mm256_andnot_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q), v);  // NaN -> 0
+        v = _mm256_min_ps(hi, _mm256_max_ps(lo, v));
+        q[j] = _mm256_cvtps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      }
+      const __m256i s16a = _mm256_packs_epi32(q[0], q[1]), s16b = _mm256_packs_epi32(q[2], q[3]);
+      __m256i s8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(s16a, s16b), perm);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(am + k), _mm256_xor_si256(s8, vshift));
+    }
+    const bool ok = _mm256_movemask_ps(finite) == 0xff;
+    bad[m] = dwdetail::quantize_tail(xm, K32, K, inv, shift, am) && ok ? 0 : 1;
+    for (int64_t k = K; k < lda; ++k) am[k] = shift;
+  }
+}
+
+float amax_finite_avx2(const float* x, int64_t n) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 fmax = _mm256_set1_ps(3.4028235e38f);
+  __m256 acc = _mm256_setzero_ps();
+  const int64_t n8 = n / 8 * 8;
+  for (int64_t i = 0; i < n8; i += 8) {
+    const __m256 v = _mm256_and_ps(_mm256_loadu_ps(x + i), absmask);
+    // Inf and NaN fail v <= FLT_MAX and are masked to 0 (max is exact: no rounding)
+    acc = _mm256_max_ps(acc, _mm256_and_ps(v, _mm256_cmp_ps(v, fmax, _CMP_LE_OQ)));
+  }
+  alignas(32) float t[8];
+  _mm256_store_ps(t, acc);
+  float amax = 0.f;
+  for (int j = 0; j < 8; ++j) amax = std::max(amax, t[j]);
+  return dwdetail::amax_tail(x, n8, n, amax);
+}
+
 }  // namespace cpu
 }  // namespace pysparse

@@ -3,6 +3,7 @@
 // flags (internal linkage, see int8_linear_impl.h for why); -ffp-contract=off keeps the
 // epilogue's roundings the same on every path.
 #pragma once
+#include <algorithm>
 #include <cmath>
 
 #include "int8_conv2d.h"
@@ -53,6 +54,27 @@ inline void store(const DwArgs& a, const int32_t* acc, float sa, int64_t c0, int
     if (a.bias) v = v + a.bias[c];
     out[c] = apply_act(v, a.act);
   }
+}
+
+// Elements [k0, K) of one row (the scalar path, and the AVX2 path's tail).
+inline bool quantize_tail(const float* x, int64_t k0, int64_t K, float inv, int8_t shift, int8_t* a) {
+  bool finite = true;
+  for (int64_t k = k0; k < K; ++k) {
+    finite &= std::isfinite(x[k]);
+    float v = x[k] * inv;
+    if (!(v == v)) v = 0.f;
+    const float q = std::nearbyint(std::min(127.f, std::max(-128.f, v)));
+    a[k] = static_cast<int8_t>(static_cast<int>(q)) ^ shift;
+  }
+  return finite;
+}
+
+inline float amax_tail(const float* x, int64_t i0, int64_t n, float amax) {
+  for (int64_t i = i0; i < n; ++i) {
+    const float v = std::fabs(x[i]);
+    amax = v <= 3.4028235e38f && v > amax ? v : amax;  // finite values only
+  }
+  return amax;
 }
 
 // The driver: `acc_fn(n, oh, ow, acc)` fills acc[0..C) for one output pixel.

@@ -11,5 +11,18 @@ void depthwise_scalar(const DwArgs& a, int64_t r0, int64_t r1, int32_t* acc) {
   });
 }
 
+void quantize_pixels_scalar(const float* x, int64_t ldx, int64_t K, int64_t lda, int64_t m0, int64_t m1,
+                            float scale, bool u8, int8_t* a, uint8_t* bad) {
+  const float inv = 1.0f / scale;
+  const int8_t shift = u8 ? int8_t(-128) : int8_t(0);
+  for (int64_t m = m0; m < m1; ++m) {
+    int8_t* am = a + m * lda;
+    bad[m] = dwdetail::quantize_tail(x + m * ldx, 0, K, inv, shift, am) ? 0 : 1;
+    for (int64_t k = K; k < lda; ++k) am[k] = shift;
+  }
+}
+
+float amax_finite_scalar(const float* x, int64_t n) { return dwdetail::amax_tail(x, 0, n, 0.f); }
+
 }  // namespace cpu
 }  // namespace pysparse

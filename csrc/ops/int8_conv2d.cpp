@@ -194,17 +194,13 @@ Tensor int8_conv2d(const Tensor& x, const Tensor& packed, const Tensor& colsum, 
   const int8_t fill = u8 ? int8_t(-128) : int8_t(0);  // the quantized zero
 
   // One scale per image: the static one, or amax / 127 over the image's finite values.
+  const bool avx2 = isa != Isa::Scalar;  // every path above scalar has AVX2
   std::vector<float> img_scale(size_t(g.N), static_scale);
   if (static_scale == 0.f) {
+    const auto amax_fn = avx2 ? cpu::amax_finite_avx2 : cpu::amax_finite_scalar;
     at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
-        const float* xn = xp + n * HW * C;
-        float amax = 0.f;
-        for (int64_t i = 0; i < HW * C; ++i) {
-          const float v = std::fabs(xn[i]);
-          amax = v <= 3.4028235e38f && v > amax ? v : amax;  // finite values only
-        }
-        const float s = amax / 127.0f;
+        const float s = amax_fn(xp + n * HW * C, HW * C) / 127.0f;
         img_scale[size_t(n)] = s > 0.f ? s : 1.0f;  // all zero (or amax/127 underflows): 1
       }
     });
@@ -223,12 +219,14 @@ Tensor int8_conv2d(const Tensor& x, const Tensor& packed, const Tensor& colsum, 
   float* psp = pscale.data_ptr<float>();
   if (qrows > Pin) std::memset(qp + Pin * ldq, fill, size_t((qrows - Pin) * ldq));
   {
-    const auto qf = ops::quant_fn(isa);
+    const auto qf = avx2 ? cpu::quantize_pixels_avx2 : cpu::quantize_pixels_scalar;
+    const float nan = std::nanf("");
     at::parallel_for(0, Pin, std::max<int64_t>(1, 16384 / C), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1;) {  // split at image boundaries: the scale is per image
         const int64_t n = m / HW, e = std::min(m1, (n + 1) * HW);
-        qf(xp, cpu::InType::F32, C, C, ldq, m, e, img_scale[size_t(n)], u8, qp, psp);
-        for (int64_t i = m; i < e; ++i) pix_bad[size_t(i)] = std::isnan(psp[i]) ? 1 : 0;
+        const float sn = img_scale[size_t(n)];
+        qf(xp, C, C, ldq, m, e, sn, u8, qp, pix_bad.data());
+        for (int64_t i = m; i < e; ++i) psp[i] = pix_bad[size_t(i)] ? nan : sn;
         m = e;
       }
     });
