@@ -54,16 +54,19 @@ def _int8_conv2d_pack_fake(w: torch.Tensor, groups: int = 1):
 
 @torch.library.register_fake("pysparse::int8_conv2d")
 def _int8_conv2d_fake(x, packed, colsum, w_scale, bias, x_scale, kernel_size, stride, padding, dilation,
-                      groups: int, in_channels: int, out_channels: int, activation: str = "none"):
+                      groups: int, in_channels: int, out_channels: int, activation: str = "none",
+                      out_scale: Optional[float] = None):
     devs = {t.device for t in (x, packed, colsum, w_scale)}
     torch._check(len(devs) == 1, lambda: f"int8_conv2d: all tensors must be on one device, got {devs}")
-    torch._check(x.dtype == torch.float32, lambda: f"int8_conv2d: x must be float32, got {x.dtype}")
+    torch._check(x.dtype in (torch.float32, torch.int8),
+                 lambda: f"int8_conv2d: x must be float32 (or int8 quantized with x_scale), got {x.dtype}")
     torch._check(x.dim() == 4 and x.shape[1] == in_channels,
                  lambda: f"int8_conv2d: x must be [N, {in_channels}, H, W], got {tuple(x.shape)}")
     torch._check(activation in ACTIVATIONS, lambda: f"int8_conv2d: activation must be one of {ACTIVATIONS}")
     ho = conv_out_size(x.shape[2], kernel_size[0], stride[0], padding[0], dilation[0])
     wo = conv_out_size(x.shape[3], kernel_size[1], stride[1], padding[1], dilation[1])
-    return x.new_empty((x.shape[0], out_channels, ho, wo)).contiguous(memory_format=torch.channels_last)
+    dt = torch.int8 if out_scale is not None else torch.float32
+    return x.new_empty((x.shape[0], out_channels, ho, wo), dtype=dt).contiguous(memory_format=torch.channels_last)
 
 
 def int8_conv2d_pack(w: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,10 +81,14 @@ def int8_conv2d_pack(w: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, to
 def int8_conv2d(x: torch.Tensor, packed: torch.Tensor, colsum: torch.Tensor, w_scale: torch.Tensor,
                 bias: Optional[torch.Tensor], x_scale: Optional[torch.Tensor], kernel_size: Sequence[int],
                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
-                in_channels: int, out_channels: int, activation: str = "none") -> torch.Tensor:
+                in_channels: int, out_channels: int, activation: str = "none",
+                out_scale: Optional[float] = None) -> torch.Tensor:
     """Int8 Conv2d: act(dequant(conv(int8(x), w)) + bias), float32, channels_last.
 
-    x: float32 [N, in_channels, H, W] in any memory format (NHWC is read without a copy).
+    x: float32 [N, in_channels, H, W] in any memory format (NHWC is read without a copy),
+    or int8 already quantized with the static x_scale (a previous layer's int8 output).
+    out_scale: return int8 round(clamp(y / out_scale)) instead of float32 (no float round
+    trip between consecutive int8 layers; the next layer's x_scale is this out_scale).
     x_scale: one-element float32 static activation scale, or None for one dynamic scale
     per image (amax / 127 over its finite values). w_scale: float32, colsum's shape,
     the per-output-channel weight scales (padding columns 1). An output pixel whose
@@ -89,7 +96,7 @@ def int8_conv2d(x: torch.Tensor, packed: torch.Tensor, colsum: torch.Tensor, w_s
     """
     return torch.ops.pysparse.int8_conv2d(x, packed, colsum, w_scale, bias, x_scale, list(kernel_size),
                                           list(stride), list(padding), list(dilation), groups, in_channels,
-                                          out_channels, activation)
+                                          out_channels, activation, out_scale)
 
 
 def w_scale_packed(scale: torch.Tensor, out_channels: int, in_per_group: int, kh: int, kw: int,

@@ -166,6 +166,55 @@ def test_pack_layouts():
     assert torch.equal(p2, dw.reshape(24, 9).T) and torch.equal(c2[0], dw.reshape(24, 9).int().sum(1))
 
 
+# ---------------------------------------------------------------- int8 between layers
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[7], SHAPES[10], SHAPES[14]],
+                         ids=[IDS[i] for i in (0, 2, 7, 10, 14)])
+def test_int8_output_and_input(isa, shape):
+    n, cin, h, w, cout, k, s, p, d, g = shape
+    m = Int8Conv2d.from_float(make_conv(cin, cout, k, s, p, d, g), x_scale=0.03, activation="relu", out_scale=0.02)
+    x = torch.randn(n, cin, h, w)
+    y = m(x)
+    assert y.dtype == torch.int8 and y.is_contiguous(memory_format=torch.channels_last)
+    ref = R.int8_conv2d(x, m.weight_int8, m.weight_scale, m.bias, m.x_scale, m.stride, m.padding, m.dilation,
+                        m.groups, "relu", out_scale=0.02)
+    assert torch.equal(y, ref)
+    # the requantized output is the float output rounded: at most half a step away
+    f = Int8Conv2d.from_float(make_conv(cin, cout, k, s, p, d, g), x_scale=0.03, activation="relu")
+    f.load_state_dict({k_: v for k_, v in m.state_dict().items() if k_ != "out_scale"})
+    yf = f(x)
+    assert bool(((y.float() * 0.02 - yf.clamp(max=127 * 0.02)).abs() <= 0.01 + 1e-6).all())
+    # the next layer takes the int8 tensor with x_scale = out_scale: exactly what it would
+    # compute from the float tensor y * out_scale (which quantizes back to y)
+    nxt = Int8Conv2d.from_float(make_conv(cout, 8, 3, 1, 1, 1, 1), x_scale=0.02)
+    assert torch.equal(nxt(y), nxt(y.float() * 0.02))
+    assert torch.equal(nxt(y), R.int8_conv2d(y, nxt.weight_int8, nxt.weight_scale, nxt.bias, nxt.x_scale, 1, 1))
+
+
+def test_int8_chain_compiles_and_saves():
+    torch.manual_seed(3)
+    net = nn.Sequential(
+        Int8Conv2d.from_float(make_conv(3, 16, 3, 1, 1, 1, 1), x_scale=0.03, activation="relu", out_scale=0.05),
+        Int8Conv2d.from_float(make_conv(16, 16, 3, 1, 1, 1, 16), x_scale=0.05, activation="relu6", out_scale=0.05),
+        Int8Conv2d.from_float(make_conv(16, 8, 1, 1, 0, 1, 1), x_scale=0.05),
+    )
+    x = torch.randn(2, 3, 10, 10)
+    y = net(x)
+    assert y.dtype == torch.float32
+    assert torch.equal(torch.compile(net, fullgraph=True)(x), y)
+    torch._dynamo.reset()
+    m = net[0]
+    m2 = Int8Conv2d(3, 16, 3, padding=1, activation="relu", int8_output=True)
+    m2.load_state_dict(m.state_dict())
+    assert torch.equal(m2(x), m(x)) and "out_scale" in m.state_dict()
+    with pytest.raises(ValueError, match="out_scale"):
+        Int8Conv2d.from_float(make_conv(3, 16, 3, 1, 1, 1, 1), x_scale=0.03, out_scale=0.0)
+    with pytest.raises(ValueError, match="int8 for a static layer"):
+        Int8Conv2d.from_float(make_conv(16, 8, 1, 1, 0, 1, 1), x_scale=None)(torch.zeros(1, 16, 4, 4, dtype=torch.int8))
+    torch.library.opcheck(torch.ops.pysparse.int8_conv2d.default,
+                          (m(x), net[1].packed, net[1].colsum, net[1].w_scale, net[1].bias, net[1].x_scale,
+                           [3, 3], [1, 1], [1, 1], [1, 1], 16, 16, 16, "relu6", 0.05))
+
+
 # ---------------------------------------------------------------- inputs in any layout
 def test_memory_formats_and_views(isa):
     m = Int8Conv2d.from_float(make_conv(20, 24, 3, 1, 1, 1, 1), x_scale=0.03)
@@ -350,6 +399,7 @@ def test_bad_layer_arguments():
 @pytest.mark.parametrize("x,match", [
     (torch.randn(2, 5, 8, 8), "\\[N, 4, H, W\\]"),
     (torch.randn(2, 4, 8, 8).double(), "float32"),
+    (torch.zeros(2, 4, 8, 8, dtype=torch.int8)[:, :, :, :0], "smaller than the dilated kernel"),
     (torch.randint(0, 3, (2, 4, 8, 8)), "float32"),
     (torch.randn(4, 8), "\\[N, 4, H, W\\]"),
     (torch.randn(1, 4, 1, 1), "smaller than the dilated kernel"),

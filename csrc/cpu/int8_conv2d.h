@@ -10,6 +10,7 @@
 // == Cout) have their own kernel (depthwise_<isa>): a patch of one channel is kh*kw
 // values, far too short for a GEMM.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -35,6 +36,14 @@ inline float apply_act(float v, Act act) {
   if (act == Act::None) return v;
   v = v < 0.f ? 0.f : v;
   return (act == Act::Relu6 && v > 6.f) ? 6.f : v;
+}
+
+// Requantization of an output for the next int8 layer, in the input quantization's
+// rounding: round-half-even(clamp(v * inv, -128, 127)), NaN -> 0.
+inline int8_t requant(float v, float inv) {
+  float t = v * inv;
+  if (!(t == t)) t = 0.f;
+  return static_cast<int8_t>(static_cast<int>(std::nearbyint(std::min(127.f, std::max(-128.f, t)))));
 }
 
 // Gather the patches of output pixels [p0, p0 + rows) (p = (n * Ho + oh) * Wo + ow) for
@@ -110,8 +119,10 @@ struct DwArgs {
   const int8_t* w;         // [kh*kw][C]
   const float* w_scale;    // [C]
   const float* bias;       // [C] or nullptr
-  float* out;              // NHWC [N][Ho][Wo][C]
+  float* out;              // NHWC [N][Ho][Wo][C] float32, or nullptr when qout is set
   Act act;
+  int8_t* qout = nullptr;  // int8 output (requant(v, qinv)) instead of out
+  float qinv = 0.f;
 };
 
 // Output rows [r0, r1) (r = n * Ho + oh), every ow and channel; acc: scratch of C int32.

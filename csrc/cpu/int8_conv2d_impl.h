@@ -46,13 +46,18 @@ inline void accumulate_scalar(const DwArgs& a, int64_t n, int64_t oh, int64_t ow
   }
 }
 
-// out[c] = act(((float(acc[c]) * w_scale[c]) * sa) + bias[c]) for c in [c0, c1).
-inline void store(const DwArgs& a, const int32_t* acc, float sa, int64_t c0, int64_t c1, float* out) {
+// out[pix][c] = act(((float(acc[c]) * w_scale[c]) * sa) + bias[c]) for c in [c0, c1)
+// (or requantized into qout[c]).
+inline void store(const DwArgs& a, const int32_t* acc, float sa, int64_t c0, int64_t c1, int64_t pix) {
   for (int64_t c = c0; c < c1; ++c) {
     float v = static_cast<float>(acc[c]) * a.w_scale[c];
     v = v * sa;
     if (a.bias) v = v + a.bias[c];
-    out[c] = apply_act(v, a.act);
+    v = apply_act(v, a.act);
+    if (a.qout)
+      a.qout[pix * a.geom.C + c] = requant(v, a.qinv);
+    else
+      a.out[pix * a.geom.C + c] = v;
   }
 }
 
@@ -86,7 +91,7 @@ void depthwise_rows(const DwArgs& a, int64_t r0, int64_t r1, int32_t* acc, AccFn
     for (int64_t ow = 0; ow < g.Wo; ++ow) {
       acc_fn(n, oh, ow, acc);
       const float sa = window_bad(a, n, oh, ow) ? std::nanf("") : a.img_scale[n];
-      store(a, acc, sa, 0, g.C, a.out + ((n * g.Ho + oh) * g.Wo + ow) * g.C);
+      store(a, acc, sa, 0, g.C, (n * g.Ho + oh) * g.Wo + ow);
     }
   }
 }

@@ -5,8 +5,10 @@
 // int8_linear micro-kernels: per block of output pixels the kh x kw patches are gathered
 // (a memcpy per tap) into an A scratch and gemm_<isa> runs over it with the fused
 // epilogue (per-pixel activation scale x per-channel weight scale, bias); the activation
-// (ReLU / ReLU6) is applied in the same pass over the block's output while it is in
-// cache, so the shared GEMM kernels stay exactly as int8_linear uses them. A 1x1,
+// (ReLU / ReLU6) and, with out_scale, the requantization to int8 for the next int8 layer
+// are applied in the same pass over the block's output while it is in cache, so the
+// shared GEMM kernels stay exactly as int8_linear uses them. An int8 x (the previous
+// layer's requantized output) skips the input quantization. A 1x1,
 // stride-1, unpadded convolution is a plain GEMM over pixels: no gather. Depthwise
 // convolutions have their own kernel (csrc/cpu/int8_conv2d_<isa>.cpp).
 #include <ATen/ATen.h>
@@ -112,7 +114,8 @@ Problem check_conv(const Tensor& x, const Tensor& packed, const Tensor& colsum, 
                    int64_t cout) {
   const char* op = "int8_conv2d";
   TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be on the CPU (the weight is), got ", x.device());
-  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat, op, ": x must be float32, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kChar, op,
+                    ": x must be float32 (or int8 already quantized with x_scale), got ", x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-D [N, C, H, W] (any memory format), got shape ", x.sizes());
   TORCH_CHECK_VALUE(x.size(1) == cin, op, ": x must have in_channels=", cin, " channels (dim 1), got shape ",
                     x.sizes());
@@ -176,16 +179,26 @@ Tensor int8_conv2d(const Tensor& x, const Tensor& packed, const Tensor& colsum, 
                    const std::optional<Tensor>& bias, const std::optional<Tensor>& x_scale,
                    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                    at::IntArrayRef dilation, int64_t groups, int64_t in_channels, int64_t out_channels,
-                   c10::string_view activation) {
+                   c10::string_view activation, std::optional<double> out_scale) {
   const Act act = parse_act(activation);
   const Problem p = check_conv(x, packed, colsum, w_scale, bias, kernel_size, stride, padding, dilation,
                                groups, in_channels, out_channels);
   const float static_scale = ops::static_x_scale(x_scale, "int8_conv2d");
+  const bool int8_in = x.scalar_type() == at::kChar;
+  TORCH_CHECK_VALUE(!int8_in || static_scale > 0.f, "int8_conv2d: an int8 x needs x_scale, the scale it was "
+                    "quantized with");
+  const bool int8_out = out_scale.has_value();
+  const float qinv = int8_out ? 1.0f / float(*out_scale) : 0.f;
+  TORCH_CHECK_VALUE(!int8_out || (std::isfinite(float(*out_scale)) && float(*out_scale) > 0.f && std::isfinite(qinv)),
+                    "int8_conv2d: out_scale must be a finite float > 0 (and its reciprocal finite), got ",
+                    out_scale.value_or(0.0));
   const ConvGeom& g = p.geom;
-  Tensor out = at::empty({g.N, p.cout, g.Ho, g.Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  Tensor out = at::empty({g.N, p.cout, g.Ho, g.Wo}, x.options()
+                                                       .dtype(int8_out ? at::kChar : at::kFloat)
+                                                       .memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
   const Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);  // no copy when already NHWC
-  const float* xp = xc.data_ptr<float>();
+  const float* xp = int8_in ? nullptr : xc.data_ptr<float>();
   const int64_t HW = g.H * g.W, Pin = g.N * HW, P = g.N * g.Ho * g.Wo, C = g.C;
 
   const Isa isa = ops::isa_now();
@@ -196,7 +209,7 @@ Tensor int8_conv2d(const Tensor& x, const Tensor& packed, const Tensor& colsum, 
   // One scale per image: the static one, or amax / 127 over the image's finite values.
   const bool avx2 = isa != Isa::Scalar;  // every path above scalar has AVX2
   std::vector<float> img_scale(size_t(g.N), static_scale);
-  if (static_scale == 0.f) {
+  if (static_scale == 0.f) {  // (x is float32 here)
     const auto amax_fn = avx2 ? cpu::amax_finite_avx2 : cpu::amax_finite_scalar;
     at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
@@ -213,12 +226,24 @@ Tensor int8_conv2d(const Tensor& x, const Tensor& packed, const Tensor& colsum, 
   const int64_t ldq = direct ? p.Kp : C;
   const int64_t qrows = direct ? round_up(Pin, 32) : Pin;
   Tensor qx = at::empty({qrows, ldq}, x.options().dtype(at::kChar));
-  Tensor pscale = at::empty({Pin}, x.options());
+  Tensor pscale = at::empty({Pin}, x.options().dtype(at::kFloat));
   std::vector<uint8_t> pix_bad(static_cast<size_t>(Pin));
   int8_t* qp = qx.data_ptr<int8_t>();
   float* psp = pscale.data_ptr<float>();
   if (qrows > Pin) std::memset(qp + Pin * ldq, fill, size_t((qrows - Pin) * ldq));
-  {
+  if (int8_in) {  // already quantized: copy into the padded layout (u8 view: ^ 0x80)
+    const int8_t* xq = xc.data_ptr<int8_t>();
+    std::fill(psp, psp + Pin, static_scale);
+    at::parallel_for(0, Pin, std::max<int64_t>(1, 65536 / C), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        int8_t* d = qp + m * ldq;
+        std::memcpy(d, xq + m * C, size_t(C));
+        if (u8)
+          for (int64_t k = 0; k < C; ++k) d[k] = int8_t(d[k] ^ 0x80);
+        if (ldq > C) std::memset(d + C, fill, size_t(ldq - C));
+      }
+    });
+  } else {
     const auto qf = avx2 ? cpu::quantize_pixels_avx2 : cpu::quantize_pixels_scalar;
     const float nan = std::nanf("");
     at::parallel_for(0, Pin, std::max<int64_t>(1, 16384 / C), [&](int64_t m0, int64_t m1) {
@@ -231,11 +256,12 @@ Tensor int8_conv2d(const Tensor& x, const Tensor& packed, const Tensor& colsum, 
       }
     });
   }
-  float* op = out.data_ptr<float>();
+  float* op = int8_out ? nullptr : out.data_ptr<float>();
+  int8_t* oq = int8_out ? out.data_ptr<int8_t>() : nullptr;
 
   if (p.depthwise) {
     cpu::DwArgs a{g, qp, pix_bad.data(), img_scale.data(), packed.data_ptr<int8_t>(),
-                  w_scale.data_ptr<float>(), bias ? bias->data_ptr<float>() : nullptr, op, act};
+                  w_scale.data_ptr<float>(), bias ? bias->data_ptr<float>() : nullptr, op, act, oq, qinv};
     const auto fn = isa >= Isa::Avx2 ? cpu::depthwise_avx2 : cpu::depthwise_scalar;
     at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t r0, int64_t r1) {
       thread_local std::vector<int32_t> acc;
@@ -262,9 +288,11 @@ Tensor int8_conv2d(const Tensor& x, const Tensor& packed, const Tensor& colsum, 
     // Per-thread scratch kept across calls (a 576 KB A block allocated per call would be
     // mmap'ed and page-faulted every time).
     thread_local std::vector<int8_t> abuf;
-    thread_local std::vector<float> sbuf, fbuf;
+    thread_local std::vector<float> sbuf, fbuf, obuf;
     thread_local std::vector<int32_t> cbuf;
     if (!direct && abuf.size() < size_t(kPixBlock * p.Kp)) abuf.resize(size_t(kPixBlock * p.Kp));
+    // int8 output: the float block lands here, then requantizes into out
+    if (int8_out && obuf.size() < size_t(kPixBlock * p.og)) obuf.resize(size_t(kPixBlock * p.og));
     if (cbuf.size() < size_t(kPixBlock * kPackN)) {
       sbuf.resize(size_t(kPixBlock));
       cbuf.resize(size_t(kPixBlock * kPackN));
@@ -297,13 +325,20 @@ Tensor int8_conv2d(const Tensor& x, const Tensor& packed, const Tensor& colsum, 
       ga.w_scale = wsp + gi * p.Np;
       ga.group = p.Kp;
       ga.bias = bp ? bp + gi * p.og : nullptr;
-      ga.out = op + p0 * p.cout + gi * p.og;
-      ga.ldo = p.cout;
+      ga.out = int8_out ? obuf.data() : op + p0 * p.cout + gi * p.og;
+      ga.ldo = int8_out ? p.og : p.cout;
       ga.out_type = cpu::OutType::F32;
       const int64_t c0 = s * cps, c1 = std::min(nchunks, c0 + cps);
       fn(ga, 0, rows, c0, c1, cbuf.data(), fbuf.data());
-      if (act != Act::None) {  // the same pass, while the block's output is in cache
-        const int64_t j0 = c0 * kPackN, j1 = std::min(c1 * kPackN, p.og);
+      // Activation (and requantization) in the same pass, while the block is in cache.
+      const int64_t j0 = c0 * kPackN, j1 = std::min(c1 * kPackN, p.og);
+      if (int8_out) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* f = obuf.data() + r * p.og;
+          int8_t* o = oq + (p0 + r) * p.cout + gi * p.og;
+          for (int64_t j = j0; j < j1; ++j) o[j] = cpu::requant(cpu::apply_act(f[j], act), qinv);
+        }
+      } else if (act != Act::None) {
         for (int64_t r = 0; r < rows; ++r) {
           float* o = op + (p0 + r) * p.cout + gi * p.og;
           for (int64_t j = j0; j < j1; ++j) o[j] = cpu::apply_act(o[j], act);

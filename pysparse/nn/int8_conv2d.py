@@ -44,6 +44,11 @@ class Int8Conv2d(nn.Module):
     format; NHWC (channels_last) is read without a copy. Output: float32, channels_last.
     CPU only. padding_mode 'zeros' only.
 
+    Int8 between layers: a layer built with ``out_scale`` returns int8 (channels_last),
+    round(clamp(y / out_scale)), and a static layer accepts such an int8 input when its
+    x_scale is that out_scale - consecutive int8 layers then skip the float round trip.
+    (The int8 tensor carries no scale: whoever chains the layers keeps the two equal.)
+
     The state dict holds the plain int8 weight [out, in/groups, kh, kw] (``weight_int8``),
     ``weight_scale`` [out], ``bias`` and ``x_scale`` [1] (static layers) - never the packed
     layout - and loads into a layer built with the same arguments.
@@ -51,7 +56,7 @@ class Int8Conv2d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: _Pair, stride: _Pair = 1,
                  padding: _Pair = 0, dilation: _Pair = 1, groups: int = 1, bias: bool = True, *,
-                 dynamic: bool = False, activation: Optional[str] = None) -> None:
+                 dynamic: bool = False, activation: Optional[str] = None, int8_output: bool = False) -> None:
         super().__init__()
         if activation not in _ACTS:
             raise ValueError(f"activation must be None, 'relu' or 'relu6', got {activation!r}")
@@ -73,6 +78,7 @@ class Int8Conv2d(nn.Module):
         self.register_buffer("weight_scale", torch.ones(out_channels))
         self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
         self.register_buffer("x_scale", None if dynamic else torch.ones(1))
+        self.register_buffer("out_scale", torch.ones(1) if int8_output else None)
         # The kernels' layout, rebuilt from weight_int8 / weight_scale (never saved).
         self.register_buffer("packed", None, persistent=False)
         self.register_buffer("colsum", None, persistent=False)
@@ -81,12 +87,14 @@ class Int8Conv2d(nn.Module):
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, *, x_scale: Optional[float], activation: Optional[str] = None,
-                   bn: Optional[nn.BatchNorm2d] = None) -> "Int8Conv2d":
+                   bn: Optional[nn.BatchNorm2d] = None, out_scale: Optional[float] = None) -> "Int8Conv2d":
         """Quantize ``conv`` (BatchNorm ``bn`` after it folded in first, if given).
 
         x_scale: the calibrated scale of the conv's input (amax / 127 over calibration
         data), or None for one dynamic scale per image. activation: None, 'relu' or
         'relu6', fused after bias (the ReLU that follows the conv / BN in the model).
+        out_scale: return int8 requantized with this scale (the next int8 layer's x_scale,
+        calibrated on this layer's output after the activation) instead of float32.
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
@@ -95,6 +103,9 @@ class Int8Conv2d(nn.Module):
         if x_scale is not None and (isinstance(x_scale, bool) or not isinstance(x_scale, (int, float))
                                     or not math.isfinite(x_scale) or x_scale <= 0):
             raise ValueError(f"x_scale must be a finite float > 0 (or None for dynamic), got {x_scale!r}")
+        if out_scale is not None and (isinstance(out_scale, bool) or not isinstance(out_scale, (int, float))
+                                      or not math.isfinite(out_scale) or out_scale <= 0):
+            raise ValueError(f"out_scale must be a finite float > 0 (or None for float output), got {out_scale!r}")
         padding = conv.padding
         if isinstance(padding, str):  # 'valid' / 'same' (stride 1): symmetric amounts only
             if padding == "valid":
@@ -126,7 +137,8 @@ class Int8Conv2d(nn.Module):
             if not (torch.isfinite(w).all() and torch.isfinite(b).all()):
                 raise ValueError("folding bn into conv gave NaN or Inf weights (check bn's statistics)")
         mod = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding, conv.dilation,
-                  conv.groups, b is not None, dynamic=x_scale is None, activation=activation)
+                  conv.groups, b is not None, dynamic=x_scale is None, activation=activation,
+                  int8_output=out_scale is not None)
         q, s = quantize_conv_weight(w.cpu())
         mod.weight_int8.copy_(q)
         mod.weight_scale.copy_(s)
@@ -134,11 +146,16 @@ class Int8Conv2d(nn.Module):
             mod.bias.copy_(b)
         if x_scale is not None:
             mod.x_scale.fill_(float(x_scale))
+        if out_scale is not None:
+            mod.out_scale.fill_(float(out_scale))
         mod._repack()
         return mod
 
     def _repack(self) -> None:
         kh, kw = self.kernel_size
+        # out_scale as a Python float for the schema's `float? out_scale`, read here (at
+        # conversion and load) rather than per call: .item() in forward would break fullgraph
+        self._out_scale_f = float(self.out_scale) if self.out_scale is not None else None
         self.packed, self.colsum = opc.int8_conv2d_pack(self.weight_int8, self.groups)
         self.w_scale = opc.w_scale_packed(self.weight_scale, self.out_channels, self.in_channels // self.groups,
                                           kh, kw, self.groups)
@@ -150,8 +167,9 @@ class Int8Conv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"Int8Conv2d: x must be a tensor, got {type(x).__name__}")
-        if x.dtype != torch.float32:
-            raise ValueError(f"Int8Conv2d: x must be float32, got {x.dtype}")
+        if x.dtype != torch.float32 and not (x.dtype == torch.int8 and self.x_scale is not None):
+            raise ValueError(f"Int8Conv2d: x must be float32 (or int8 for a static layer: quantized with its "
+                             f"x_scale), got {x.dtype}")
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
@@ -163,7 +181,8 @@ class Int8Conv2d(nn.Module):
         y = torch.ops.pysparse.int8_conv2d(x, self.packed, self.colsum, self.w_scale, self.bias, self.x_scale,
                                            list(self.kernel_size), list(self.stride), list(self.padding),
                                            list(self.dilation), self.groups, self.in_channels,
-                                           self.out_channels, self.activation or "none")
+                                           self.out_channels, self.activation or "none",
+                                           self._out_scale_f)
         return y.squeeze(0) if unbatched else y
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -176,10 +195,11 @@ class Int8Conv2d(nn.Module):
         if s is not None and not bool(torch.isfinite(s).all() and (s > 0).all()):
             error_msgs.append(f"{prefix}weight_scale: must be finite and > 0")
             return
-        xs = state_dict.get(prefix + "x_scale")
-        if xs is not None and not bool(torch.isfinite(xs).all() and (xs > 0).all()):
-            error_msgs.append(f"{prefix}x_scale: must be finite and > 0, got {xs.tolist()}")
-            return
+        for name in ("x_scale", "out_scale"):
+            t = state_dict.get(prefix + name)
+            if t is not None and not bool(torch.isfinite(t).all() and (t > 0).all()):
+                error_msgs.append(f"{prefix}{name}: must be finite and > 0, got {t.tolist()}")
+                return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._repack()
@@ -194,4 +214,6 @@ class Int8Conv2d(nn.Module):
         s += f", bias={self.bias is not None}, x_scale={'dynamic' if self.x_scale is None else 'static'}"
         if self.activation:
             s += f", activation={self.activation}"
+        if self.out_scale is not None:
+            s += ", int8_output"
         return s
