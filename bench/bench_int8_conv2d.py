@@ -2,7 +2,7 @@
 (oneDNN, channels_last) and torch.ao's x86 static int8 conv (FBGEMM/oneDNN, NHWC).
 
     python -m pytest bench/bench_int8_conv2d.py --benchmark-only --benchmark-columns=median,iqr,rounds
-    python bench/bench_int8_conv2d.py [--rounds 12] [--batches 1 8] [--json out.json]
+    python bench/bench_int8_conv2d.py [--rounds 12] [--batches 1 8] [--clock wall|cpu] [--json out.json]
 
 The script mode times the contenders interleaved call by call (pysparse.bench.timing), which
 is what the ratios should come from on a shared machine; pytest-benchmark times one after the
@@ -134,6 +134,25 @@ except ImportError:  # script mode without pytest
 
 
 # ---------------------------------------------------------------- script mode
+def time_cpu(items, rounds: int, calls: int = 3):
+    """Process CPU time of single calls, contenders interleaved call by call, one thread."""
+    from pysparse.bench.timing import Stats
+
+    times = {t.name: [] for t in items}
+    errs = {}
+    for t in items:
+        y = t.fn()
+        errs[t.name] = t.check(y) if t.check else None
+        t.fn()
+    for _ in range(rounds):
+        for _ in range(calls):
+            for t in items:
+                c = time.process_time()
+                t.fn()
+                times[t.name].append((time.process_time() - c) * 1e3)
+    return {n: Stats.of(ts, errs[n]) for n, ts in times.items()}
+
+
 def main(argv=None) -> int:
     from pysparse.bench.machine import cpu_model, versions
     from pysparse.bench.timing import Timed, TimingConfig, time_interleaved
@@ -143,12 +162,17 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("PYSPARSE_BENCH_THREADS", "2")))
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: one thread, process CPU time per call (interleaved, medians): robust when "
+                         "other jobs share the cores, which make 2-thread wall times meaningless")
     args = ap.parse_args(argv)
+    if args.clock == "cpu":
+        args.threads = 1
     torch.set_num_threads(args.threads)
     cfg = TimingConfig(rounds=args.rounds)
     load0 = os.getloadavg()
     rows = []
-    print(f"threads={args.threads} load={load0[0]:.2f} cpu={cpu_model()} isa={__import__('pysparse').cpu_info()['best_isa']}")
+    print(f"clock={args.clock} threads={args.threads} load={load0[0]:.2f} cpu={cpu_model()} isa={__import__('pysparse').cpu_info()['best_isa']}")
     hdr = f"{'layer':22s} {'b':>2s} {'fp32 ms':>9s} {'pysparse':>9s} {'ao_x86':>9s} {'ao f32io':>9s} " \
           f"{'fp32/ps':>8s} {'ao/ps':>7s} {'GMAC/s ps':>9s} {'err ps':>7s}"
     print(hdr)
@@ -156,7 +180,7 @@ def main(argv=None) -> int:
         for case in cases(tuple(args.batches)):
             _, ref, calls = build(case)
             items = [Timed(n, f, check=lambda y: rel_err(y, ref)) for n, f in calls.items()]
-            st = time_interleaved(items, cfg)
+            st = time_interleaved(items, cfg) if args.clock == "wall" else time_cpu(items, args.rounds)
             med = {n: s.median_ms for n, s in st.items()}
             row = dict(case=asdict(case), median_ms=med, iqr_ms={n: s.iqr_ms for n, s in st.items()},
                        err={n: s.error for n, s in st.items()})
@@ -171,7 +195,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), cpu=cpu_model(), versions=versions(),
-                           threads=args.threads, load=[load0, load1], rows=rows), f, indent=1)
+                           threads=args.threads, clock=args.clock, load=[load0, load1], rows=rows), f, indent=1)
     return 0
 
 

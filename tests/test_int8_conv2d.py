@@ -296,6 +296,17 @@ def test_state_dict_roundtrip():
         Int8Conv2d(8, 20, 3).load_state_dict(bad)
 
 
+def test_half_keeps_scales_float32():
+    m = Int8Conv2d.from_float(make_conv(8, 12, 3, 1, 1, 1, 1), x_scale=1e-6 * 3.7, activation="relu")
+    x = torch.randn(2, 8, 6, 6) * 1e-4
+    y = m(x)
+    ws = m.weight_scale.clone()
+    m.half()
+    assert m.weight_scale.dtype == torch.float32 and torch.equal(m.weight_scale, ws)
+    assert m.x_scale.dtype == torch.float32 and m.weight_int8.dtype == torch.int8
+    assert torch.equal(m(x), y)
+
+
 # ---------------------------------------------------------------- accuracy
 def test_small_convnet_close_to_fp32():
     torch.manual_seed(1)

@@ -185,6 +185,18 @@ class Int8Conv2d(nn.Module):
                                            self._out_scale_f)
         return y.squeeze(0) if unbatched else y
 
+    # Scales and bias stay float32 bit for bit under .half() / .bfloat16() / .double() (the
+    # kernel reads float32; a cast would round the scales): snapshot them, let fn move the
+    # module, then put the snapshot on the new device.
+    def _apply(self, fn, recurse: bool = True):
+        keep = {n: getattr(self, n) for n in ("weight_scale", "bias", "x_scale", "out_scale", "w_scale")
+                if getattr(self, n) is not None}
+        super()._apply(fn, recurse)
+        dev = self.weight_int8.device
+        for name, t in keep.items():
+            setattr(self, name, t.to(dev))
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         q = state_dict.get(prefix + "weight_int8")
