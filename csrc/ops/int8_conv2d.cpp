@@ -47,9 +47,10 @@ GemmFn gemm_fn(Isa isa) {
   }
 }
 
-// Output pixels per GEMM block. 128: the A block for the largest ResNet-50 kernel
-// (3x3x512, Kp = 4608) is 576 KB, inside the 1 MB L2 here, and 128 rows amortize each
-// 64-column B slice over 64 row pairs of the AVX2 micro-kernel.
+// Output pixels per GEMM block: 128. The block's A scratch is 128 x Kp bytes (72 KB for
+// 3x3x64, 576 KB for 3x3x512), and 128 rows amortize each 64-column B slice over 64 row
+// pairs of the AVX2 micro-kernel. Swept 32/64/128/256 on the ResNet-50 shapes of
+// bench/bench_int8_conv2d.py (one thread, CPU time): all within the +-15% noise here.
 constexpr int64_t kPixBlock = 128;
 
 bool is_depthwise(int64_t cin, int64_t cout, int64_t groups) {
