@@ -1,4 +1,14 @@
-"""Int8Conv2d: an nn.Conv2d with int8 weights and int8 activations (CPU, channels_last)."""
+"""Int8Conv2d: an nn.Conv2d with int8 weights and int8 activations (CPU, channels_last).
+
+Converting a model (what pysparse.quantize_int8 does for each Conv2d):
+  1. calibrate: run calibration_data through the float model with a forward pre-hook on the
+     conv recording max |input|; x_scale = amax / 127 (None: dynamic, one scale per image);
+  2. fold: pass the BatchNorm2d that directly follows the conv as ``bn`` and the ReLU /
+     ReLU6 after it as ``activation`` (then replace those two modules by nn.Identity);
+  3. ``Int8Conv2d.from_float(conv, x_scale=..., activation=..., bn=...)``.
+  Optionally chain int8: give a layer ``out_scale`` = the next Int8Conv2d's x_scale when it
+  feeds only that layer; it then returns int8 and the next layer skips quantizing.
+"""
 from __future__ import annotations
 
 import math
