@@ -109,6 +109,14 @@ void quantize_pixels_avx2(const float* x, int64_t ldx, int64_t K, int64_t lda, i
 float amax_finite_scalar(const float* x, int64_t n);
 float amax_finite_avx2(const float* x, int64_t n);
 
+// o[r * ldo + j] = requant(apply_act(f[r * ldf + j]), inv) for r < rows, j in [j0, j1): the
+// int8 output of a GEMM block. Here, not in the ATen unit: that one is built without
+// SSE4.1, where nearbyint is a libm call (measured 8 ms of a 24 ms 1x1 conv at batch 8).
+void act_requant_rows_scalar(const float* f, int64_t ldf, int64_t rows, int64_t j0, int64_t j1, Act act,
+                             float inv, int8_t* o, int64_t ldo);
+void act_requant_rows_avx2(const float* f, int64_t ldf, int64_t rows, int64_t j0, int64_t j1, Act act,
+                           float inv, int8_t* o, int64_t ldo);
+
 // Depthwise: output channel c reads only input channel c. Weight wt [kh*kw][C] (tap
 // major, so a tap's weights for all channels are contiguous like the NHWC input).
 struct DwArgs {

@@ -72,6 +72,36 @@ void quantize_pixels_avx2(const float* x, int64_t ldx, int64_t K, int64_t lda, i
   }
 }
 
+// 8 outputs a step, the scalar path's operations in order: act (v < 0 -> 0 keeps NaN, as
+// the blend on an ordered compare does; min with 6 likewise), * inv, NaN -> 0, clamp, round.
+void act_requant_rows_avx2(const float* f, int64_t ldf, int64_t rows, int64_t j0, int64_t j1, Act act,
+                           float inv, int8_t* o, int64_t ldo) {
+  const __m256 vinv = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-128.f), hi = _mm256_set1_ps(127.f);
+  const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.f);
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* fr = f + r * ldf;
+    int8_t* orow = o + r * ldo;
+    int64_t j = j0;
+    for (; j + 8 <= j1; j += 8) {
+      __m256 v = _mm256_loadu_ps(fr + j);
+      if (act != Act::None) {
+        v = _mm256_blendv_ps(v, zero, _mm256_cmp_ps(v, zero, _CMP_LT_OQ));
+        if (act == Act::Relu6) v = _mm256_blendv_ps(v, six, _mm256_cmp_ps(v, six, _CMP_GT_OQ));
+      }
+      v = _mm256_mul_ps(v, vinv);
+      v = _mm256_andnot_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q), v);  // NaN -> 0
+      v = _mm256_min_ps(hi, _mm256_max_ps(lo, v));
+      const __m256i q = _mm256_cvtps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      const __m256i s16 = _mm256_packs_epi32(q, q);  // lanes: q0..3 q0..3 | q4..7 q4..7
+      const __m256i s8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(s16, s16), perm);
+      const int64_t bytes = _mm256_extract_epi64(s8, 0);
+      std::memcpy(orow + j, &bytes, 8);
+    }
+    for (; j < j1; ++j) orow[j] = requant(apply_act(fr[j], act), inv);
+  }
+}
+
 float amax_finite_avx2(const float* x, int64_t n) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256 fmax = _mm256_set1_ps(3.4028235e38f);

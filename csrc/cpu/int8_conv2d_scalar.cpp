@@ -22,6 +22,12 @@ void quantize_pixels_scalar(const float* x, int64_t ldx, int64_t K, int64_t lda,
   }
 }
 
+void act_requant_rows_scalar(const float* f, int64_t ldf, int64_t rows, int64_t j0, int64_t j1, Act act,
+                             float inv, int8_t* o, int64_t ldo) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = j0; j < j1; ++j) o[r * ldo + j] = requant(apply_act(f[r * ldf + j], act), inv);
+}
+
 float amax_finite_scalar(const float* x, int64_t n) { return dwdetail::amax_tail(x, 0, n, 0.f); }
 
 }  // namespace cpu

@@ -273,6 +273,7 @@ Tensor int8_conv2d(const Tensor& x, const Tensor& packed, const Tensor& colsum, 
   }
 
   const GemmFn fn = gemm_fn(isa);
+  const auto requant_fn = avx2 ? cpu::act_requant_rows_avx2 : cpu::act_requant_rows_scalar;
   const int64_t nblocks = (P + kPixBlock - 1) / kPixBlock, nchunks = p.Np / kPackN;
   // Few pixel blocks (batch 1 at 7x7 is one block): split the 64-column chunks too, so
   // every thread has work (2 tasks per thread); each split gathers the block again,
@@ -334,11 +335,7 @@ Tensor int8_conv2d(const Tensor& x, const Tensor& packed, const Tensor& colsum, 
       // Activation (and requantization) in the same pass, while the block is in cache.
       const int64_t j0 = c0 * kPackN, j1 = std::min(c1 * kPackN, p.og);
       if (int8_out) {
-        for (int64_t r = 0; r < rows; ++r) {
-          const float* f = obuf.data() + r * p.og;
-          int8_t* o = oq + (p0 + r) * p.cout + gi * p.og;
-          for (int64_t j = j0; j < j1; ++j) o[j] = cpu::requant(cpu::apply_act(f[j], act), qinv);
-        }
+        requant_fn(obuf.data(), p.og, rows, j0, j1, act, qinv, oq + p0 * p.cout + gi * p.og, p.cout);
       } else if (act != Act::None) {
         for (int64_t r = 0; r < rows; ++r) {
           float* o = op + (p0 + r) * p.cout + gi * p.og;
