@@ -133,8 +133,10 @@ struct DwArgs {
   float qinv = 0.f;
 };
 
-// Output rows [r0, r1) (r = n * Ho + oh), every ow and channel; acc: scratch of C int32.
+// Output rows [r0, r1) (r = n * Ho + oh), every ow and channel; acc: scratch of
+// depthwise_scratch(geom) int32 (C sums, Wo pixel scales, the widened weights).
 // Epilogue in int8_linear's order: ((float(acc) * w_scale) * x_scale) + bias, then act.
+static inline int64_t depthwise_scratch(const ConvGeom& g) { return g.C + g.Wo + 8 * g.kh * g.kw; }
 void depthwise_scalar(const DwArgs& a, int64_t r0, int64_t r1, int32_t* acc);
 void depthwise_avx2(const DwArgs& a, int64_t r0, int64_t r1, int32_t* acc);
 

@@ -266,7 +266,7 @@ Tensor int8_conv2d(const Tensor& x, const Tensor& packed, const Tensor& colsum, 
     const auto fn = isa >= Isa::Avx2 ? cpu::depthwise_avx2 : cpu::depthwise_scalar;
     at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t r0, int64_t r1) {
       thread_local std::vector<int32_t> acc;
-      if (acc.size() < size_t(C)) acc.resize(size_t(C));
+      if (acc.size() < size_t(cpu::depthwise_scratch(g))) acc.resize(size_t(cpu::depthwise_scratch(g)));
       fn(a, r0, r1, acc.data());
     });
     return out;
