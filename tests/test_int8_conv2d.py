@@ -458,3 +458,8 @@ def test_bad_op_arguments():
         call(x=x.to("meta"))
     with pytest.raises(ValueError, match="int8"):
         opc.int8_conv2d_pack(torch.randn(8, 4, 3, 3), 1)
+    with pytest.raises(ValueError, match="in_channels and out_channels must be > 0"):
+        call(x=torch.randn(1, 0, 6, 6), in_channels=0)
+    # an empty image with padding has outputs (every tap is padding): y = bias
+    y = call(x=torch.randn(1, 4, 0, 0), padding=[2, 2])
+    assert y.shape == (1, 8, 2, 2) and torch.equal(y, m.bias.view(1, 8, 1, 1).expand(1, 8, 2, 2))

@@ -124,9 +124,11 @@ Problem check_conv(const Tensor& x, const Tensor& packed, const Tensor& colsum, 
   check_pair(stride, "stride", 1);
   check_pair(padding, "padding", 0);
   check_pair(dilation, "dilation", 1);
-  TORCH_CHECK_VALUE(groups >= 1 && cin % groups == 0 && cout % groups == 0 && cout > 0, op,
+  TORCH_CHECK_VALUE(cin > 0 && cout > 0, op, ": in_channels and out_channels must be > 0, got ", cin, " and ",
+                    cout);
+  TORCH_CHECK_VALUE(groups >= 1 && cin % groups == 0 && cout % groups == 0, op,
                     ": groups must be >= 1 and divide in_channels=", cin, " and out_channels=", cout,
-                    " (out_channels > 0), got groups=", groups);
+                    ", got groups=", groups);
   Problem p;
   const int64_t H = x.size(2), W = x.size(3);
   const int64_t eh = dilation[0] * (ks[0] - 1) + 1, ew = dilation[1] * (ks[1] - 1) + 1;
