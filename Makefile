@@ -59,10 +59,10 @@ gpu-check:
 # syntax-check the ATen wrappers against torch's headers, so nothing x86-only is left
 # unguarded (csrc/cpu/isa.h PYSPARSE_X86). Installs g++-aarch64-linux-gnu if it is missing.
 AARCH64_CXX ?= aarch64-linux-gnu-g++
-CROSS_UNITS := csrc/cpu/int8_linear_scalar.cpp csrc/cpu/bsr_linear_scalar.cpp csrc/cpu/compact_conv2d_scalar.cpp \
+CROSS_UNITS := csrc/cpu/int8_linear_scalar.cpp csrc/cpu/bsr_linear_scalar.cpp csrc/cpu/compact_conv2d_scalar.cpp csrc/cpu/int8_conv2d_scalar.cpp \
                csrc/cpu/cpu_features.cpp \
                csrc/cpu/dispatch.cpp
-CROSS_WRAPPERS := csrc/ops/int8_linear.cpp csrc/ops/bsr_linear.cpp csrc/ops/compact_conv2d.cpp
+CROSS_WRAPPERS := csrc/ops/int8_linear.cpp csrc/ops/bsr_linear.cpp csrc/ops/compact_conv2d.cpp csrc/ops/int8_conv2d.cpp
 cross-aarch64:
 	@command -v $(AARCH64_CXX) >/dev/null || { apt-get update -qq && apt-get install -y -qq g++-aarch64-linux-gnu; }
 	@mkdir -p build/aarch64

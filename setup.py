@@ -25,6 +25,7 @@ SCALAR_SOURCES = {
     "csrc/cpu/int8_linear_scalar.cpp": [],
     "csrc/cpu/bsr_linear_scalar.cpp": [],
     "csrc/cpu/compact_conv2d_scalar.cpp": [],
+    "csrc/cpu/int8_conv2d_scalar.cpp": [],
 }
 X86_SOURCES = {
     "csrc/cpu/bsr_linear_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
@@ -39,6 +40,7 @@ X86_SOURCES = {
                                     "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c"],
     "csrc/cpu/compact_conv2d_avx2.cpp": ["-mavx2", "-mfma"],
     "csrc/cpu/compact_conv2d_avx512.cpp": ["-mavx512f", "-mavx2", "-mfma"],
+    "csrc/cpu/int8_conv2d_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
     "csrc/cpu/int8_linear_amx.cpp": ["-mamx-tile", "-mamx-int8", "-mavx512f", "-mavx512bw",
                                      "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c"],
 }
@@ -76,7 +78,8 @@ class BuildWithIsaUnits(BuildExtension):
 ext = CppExtension(
     "pysparse._C",
     sources=["csrc/ops/registry.cpp", "csrc/ops/int8_linear.cpp", "csrc/ops/bsr_linear.cpp",
-             "csrc/ops/compact_conv2d.cpp", "csrc/cpu/cpu_features.cpp", "csrc/cpu/dispatch.cpp"],
+             "csrc/ops/compact_conv2d.cpp", "csrc/cpu/cpu_features.cpp", "csrc/cpu/dispatch.cpp",
+             "csrc/ops/int8_conv2d.cpp"],
     include_dirs=[os.path.join(ROOT, "csrc")],
     # -fopenmp: this torch's at::parallel_for is OpenMP, inlined from headers; without the
     # flag it silently runs on one thread (measured: cpu/wall 0.99 with 2 threads set).

@@ -1,6 +1,7 @@
 """pysparse: kernels that turn compressed neural networks into speed.
 
-Public API: ``quantize_int8`` and ``sparsify`` (model conversion), ``prune``, ``pysparse.nn`` (the layers),
+Public API: ``quantize_int8``, ``sparsify`` and ``compact`` (model conversion), ``prune`` (block,
+2:4 and filter pruning with masks), ``pysparse.nn`` (the layers),
 ``cpu_info`` (what this CPU has and which kernel each op uses), ``set_cpu_isa`` / ``cpu_isa``
 and ``set_cpu_bf16`` / ``cpu_bf16`` (switch the CPU path at run time), and the ops in the
 ``torch.ops.pysparse`` namespace (see pysparse.ops), with pure-PyTorch references in
@@ -14,6 +15,7 @@ from . import ops, reference
 from .ops import cpu_bf16, cpu_isa, set_cpu_bf16, set_cpu_isa
 from . import nn
 from . import prune
+from .compact import compact
 from .quantize import quantize_int8
 from .sparsify import plan_report, sparsify
 
@@ -56,6 +58,7 @@ def cpu_info() -> dict:
         "threads": torch.get_num_threads(),
         "ops": {"int8_linear": k("int8_linear"), "int8_mm": k("int8_mm"),
                 "bsr_linear": k("bsr_linear"),
+                "compact_conv2d": k("compact_conv2d"), "int8_conv2d": k("int8_conv2d"),
                 "bsr_linear_bf16": k("bsr_linear", dtype=bf16, block=(64, 32)),
                 "bsr_linear_bf16_other_bk": k("bsr_linear", dtype=bf16, block=(64, 16)),
                 "bsr_linear_grad_x": k("bsr_linear_grad_x"),
@@ -65,5 +68,5 @@ def cpu_info() -> dict:
     }
 
 
-__all__ = ["quantize_int8", "sparsify", "plan_report", "prune", "cpu_info", "set_cpu_isa", "cpu_isa",
+__all__ = ["quantize_int8", "sparsify", "compact", "plan_report", "prune", "cpu_info", "set_cpu_isa", "cpu_isa",
            "set_cpu_bf16", "cpu_bf16", "nn", "ops", "reference"]

@@ -87,5 +87,5 @@ def prune_compact_finetune(model: nn.Module, data: tuple, amount: float = 0.5, e
     q = None
     if int8:
         calib = [xtr[i:i + 64] for i in range(0, 64 * calib_batches, 64)]
-        q = pysparse.quantize_int8(copy.deepcopy(compacted), activations="static", calibration_data=calib)
+        q = pysparse.quantize_int8(copy.deepcopy(compacted), activations="static", calibration_data=calib, convs=True)
     return compacted, q

@@ -423,3 +423,4 @@ def bsr_int8_linear(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor
     """Block-sparse int8 linear (64x64 int8 blocks, per-channel scales, dynamic or static x)."""
     return torch.ops.pysparse.bsr_int8_linear(x, values, row_ptr, col_idx, colsum, w_scale, bias, x_scale, N, K,
                                               relu)
+from . import ops_int8conv  # noqa: E402,F401  (int8 Conv2d: fakes + wrappers)

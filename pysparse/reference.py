@@ -127,3 +127,54 @@ def compact_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     if relu:
         out = torch.relu(out)
     return out.contiguous(memory_format=torch.channels_last)
+def int8_conv2d(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                x_scale: Optional[torch.Tensor], stride=1, padding=0, dilation=1, groups: int = 1,
+                activation: Optional[str] = None, return_acc: bool = False,
+                out_scale: Optional[float] = None) -> torch.Tensor:
+    """Reference of pysparse::int8_conv2d from the unpacked weight.
+
+    x float [N, C, H, W]; w_q int8 [Cout, C/groups, kh, kw]; w_scale float32 [Cout];
+    x_scale: one-element static scale, or None for one scale per image (amax / 127 over the
+    image's finite values; 1 for an all-zero image). q = round(clamp(x * (1 / s), -128, 127)),
+    the integer convolution is exact in float64 (|sum| <= kh*kw*C*2^14 < 2^53), then
+    y = ((float(acc) * w_scale) * s) + bias, then ReLU / ReLU6. An output pixel whose window
+    reads an input pixel holding NaN/Inf is NaN. return_acc=True returns the int32 sums.
+    An int8 x is taken as already quantized with x_scale. out_scale: the output requantized,
+    int8 round(clamp(y * (1 / out_scale), -128, 127)), NaN -> 0.
+    """
+    xf = x.float()
+    n = xf.shape[0]
+    if x.dtype == torch.int8:
+        s = x_scale.float().reshape(1).expand(n)
+    elif x_scale is None:
+        a = torch.where(torch.isfinite(xf), xf.abs(), torch.zeros_like(xf)).reshape(n, xf[0].numel() if n else 0)
+        amax = a.amax(dim=1) if a.numel() else a.new_zeros(n)
+        s = amax / 127.0
+        s = torch.where(s > 0, s, torch.ones_like(s))
+    else:
+        s = x_scale.float().reshape(1).expand(n)
+    inv = torch.div(torch.ones_like(s), s).view(n, 1, 1, 1)
+    q = xf if x.dtype == torch.int8 else torch.round(torch.clamp(xf * inv, -128, 127))
+    q = torch.where(torch.isnan(q), torch.zeros_like(q), q)
+    acc = torch.nn.functional.conv2d(q.double(), w_q.double(), None, stride, padding, dilation, groups)
+    if return_acc:
+        return acc.to(torch.int32)
+    y = acc.float() * w_scale.float().view(1, -1, 1, 1)
+    y = y * s.view(n, 1, 1, 1)
+    if bias is not None:
+        y = y + bias.float().view(1, -1, 1, 1)
+    # NaN/Inf anywhere in an input pixel poisons every output pixel whose window reads it.
+    bad = (~torch.isfinite(xf)).any(dim=1, keepdim=True).double()
+    kh, kw = w_q.shape[2], w_q.shape[3]
+    hit = torch.nn.functional.conv2d(bad, bad.new_ones(1, 1, kh, kw), None, stride, padding, dilation) > 0
+    y = torch.where(hit, torch.full_like(y, float("nan")), y)
+    if activation == "relu":
+        y = torch.relu(y)
+    elif activation == "relu6":
+        y = torch.clamp(y, 0.0, 6.0)
+    if out_scale is not None:
+        o = torch.tensor(float(out_scale), dtype=torch.float32)
+        t = y * torch.div(torch.ones_like(o), o)
+        t = torch.round(torch.clamp(torch.where(torch.isnan(t), torch.zeros_like(t), t), -128, 127))
+        y = t.to(torch.int8)
+    return y.contiguous(memory_format=torch.channels_last)

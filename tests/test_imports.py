@@ -23,7 +23,7 @@ PKG = os.path.join(ROOT, "pysparse")
 LAYERS: list[list[str]] = [
     ["pysparse._C", "pysparse.reference", "pysparse.kernels"],
     ["pysparse.formats"],
-    ["pysparse.ops", "pysparse._cuda_ops", "pysparse._cuda_bsr", "pysparse.ops_conv"],
+    ["pysparse.ops", "pysparse._cuda_ops", "pysparse._cuda_bsr", "pysparse.ops_conv", "pysparse.ops_int8conv"],
     ["pysparse.nn"],
     ["pysparse._modules", "pysparse._depgraph"],
     ["pysparse.prune"],
@@ -38,7 +38,8 @@ LAYERS: list[list[str]] = [
 # Ordered pairs allowed inside one layer: (importer, imported).
 SAME_LAYER_OK = {("pysparse._cuda_bsr", "pysparse._cuda_ops"), ("pysparse.ops", "pysparse._cuda_ops"),
                  ("pysparse.ops", "pysparse._cuda_bsr"), ("pysparse._depgraph", "pysparse._modules"),
-                 ("pysparse.ops_conv", "pysparse.ops")}
+                 ("pysparse.ops_conv", "pysparse.ops"),
+                 ("pysparse.ops", "pysparse.ops_int8conv")}
 
 
 def _unit(mod: str) -> tuple[int, str]:

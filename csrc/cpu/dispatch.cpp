@@ -145,6 +145,9 @@ Kernel kernel_path(Op op, const OpShape& s, const Policy& p) {
       return f32;
     case Op::BsrLinearGradValues:
       return f32;
+    case Op::Int8Conv2d:
+      // the int8 GEMM micro-kernels of int8_linear (implicit GEMM), so the same ISA units
+      return Kernel(int(isa));
     case Op::CompactConv2d:
       return f32;  // fp32 FMA micro-kernels: scalar, AVX2 (6 px x 16 ch), AVX-512 (12 px x 32 ch)
   }
@@ -180,7 +183,8 @@ const char* kernel_name(Kernel k) {
 
 namespace {
 constexpr const char* kOpNames[] = {"int8_linear", "int8_mm", "bsr_linear", "bsr_linear_grad_x",
-                                    "bsr_linear_grad_values", "bsr_int8_linear", "compact_conv2d"};
+                                    "bsr_linear_grad_values", "bsr_int8_linear", "compact_conv2d",
+                                    "int8_conv2d"};
 }
 
 const char* op_name(Op op) { return kOpNames[int(op)]; }

@@ -18,7 +18,7 @@ namespace pysparse {
 namespace cpu {
 
 enum class Op : int { Int8Linear, Int8Mm, BsrLinear, BsrLinearGradX, BsrLinearGradValues, BsrInt8Linear,
-                      CompactConv2d };
+                      CompactConv2d, Int8Conv2d };
 
 // What runs. The *Widen kernels take bf16 blocks and widen them to fp32 in registers;
 // Avx512Bf16 multiplies bf16 pairs with VDPBF16PS; Aten is ATen ops (addmm per block).

@@ -149,7 +149,8 @@ def build_contenders(run: CnnRun, notes: list[str], skipped: list[dict]) -> dict
     calib = [torch.randn(4, *run.input_shape) for _ in range(4)]
     if run.int8:
         try:
-            q = pysparse.quantize_int8(copy.deepcopy(compacted), activations="static", calibration_data=calib)
+            q = pysparse.quantize_int8(copy.deepcopy(compacted), activations="static", calibration_data=calib,
+                                       convs=True)
             out["pysparse-compact-int8"] = (q, cl)
         except Exception as e:
             skipped.append({"contender": "pysparse-compact-int8", "reason": f"{type(e).__name__}: {e}".splitlines()[0]})
