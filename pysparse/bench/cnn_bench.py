@@ -172,9 +172,10 @@ def run_cnn(run: CnnRun, argv: Sequence[str]) -> dict:
                 "model": {"name": run.name, "input_shape": list(run.input_shape), "amount": run.amount}})
     bar = tqdm(total=1 + len(run.batches), desc=f"pysparse bench compact {run.name}", unit="step",
                file=sys.stderr, disable=not run.progress)
+    # built with autograd on: Torch-Pruning traces its dependency graph through autograd
+    contenders = build_contenders(run, doc["notes"], doc["skipped"])
+    bar.update()
     with torch.no_grad():
-        contenders = build_contenders(run, doc["notes"], doc["skipped"])
-        bar.update()
         one = torch.randn(1, *run.input_shape)
         macs = {n: count_macs(m, one) for n, (m, _) in contenders.items() if isinstance(m, nn.Module)}
         macs["onnxruntime-int8"] = macs.get("pysparse-compact")
