@@ -121,7 +121,8 @@ def _bsr_linear_dense(x2, values, row_ptr, col_idx, bias, N: int, K: int, relu: 
 # ------------------------------------------------------------------------------ the ops
 def bsr_linear_cuda(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                     bias: Optional[torch.Tensor], N: int, K: int, relu: bool = False) -> torch.Tensor:
-    """pysparse::bsr_linear on CUDA: ``relu?(x @ W^T + bias)`` with W in BSR form.
+    """pysparse::bsr_linear on CUDA: ``relu?(x @ W^T + bias)`` with W in BSR form; a row of x
+    holding a NaN or an Inf gives an all-NaN output row (as the dense product does).
 
     x [..., K] float32/bfloat16/float16; values [nnzb, bk, bn] k-major float32/bfloat16/
     float16 blocks; row_ptr int32 [ceil(N / bn) + 1]; col_idx int32 [nnzb]; bias float32
@@ -158,6 +159,10 @@ def bsr_linear_cuda(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor
                           "weight instead (slower; use blocks with sides 16..128, powers of two)",
                           RuntimeWarning, stacklevel=2)
         y = _bsr_linear_dense(x2, values, row_ptr, col_idx, bias, N, K, bool(relu))
+    # the op's rule, as on the CPU (csrc/ops/bsr_linear.cpp): a row of x holding a NaN or an Inf
+    # gives an all-NaN output row, whichever blocks are stored (a row's float64 sum is NaN
+    # exactly then; 0 * it is NaN there, 0 elsewhere)
+    y = y + x2.sum(-1, keepdim=True, dtype=torch.float64).mul_(0).to(y.dtype)
     return y.reshape(*x.shape[:-1], N)
 
 

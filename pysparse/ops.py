@@ -413,6 +413,8 @@ def bsr_linear(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col
     values: float32 [nnzb, bk, bn] (formats.pack_bsr_f32) or, on the CPU, bfloat16
     [nnzb, bk/2, bn, 2] (formats.pack_bsr_bf16; x is then rounded to bf16); on CUDA
     float32/float16/bfloat16 [nnzb, bk, bn]. Differentiable in x, values and bias.
+    A row of x holding a NaN or an Inf gives an all-NaN output row
+    (as the dense product would), whichever blocks are stored.
     """
     return torch.ops.pysparse.bsr_linear(x, values, row_ptr, col_idx, bias, N, K, relu)
 

@@ -137,7 +137,8 @@ class BsrLinear(_BsrBase, format="bsr"):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.pysparse.bsr_linear(x, self.values, self.row_ptr, self.col_idx, self.bias,
                                           self.out_features, self.in_features, self.activation == "relu")
-        return self._nan_rows(x, y)
+        # the op applies the NaN-row rule itself (csrc/ops/bsr_linear.cpp; _cuda_bsr on GPUs)
+        return y
 
     def _apply(self, fn, recurse: bool = True):
         # Blocks live in the layout of their device's kernel; moving between the CPU and a
