@@ -45,7 +45,9 @@ benchmarks: setup
 	$(VPY) -m pysparse bench kernels --json $(BENCH_DIR)/kernels.json --csv $(BENCH_DIR)/kernels.csv \
 	  --plot $(BENCH_DIR)/kernels.png
 	$(VPY) -m pysparse bench model --builtin transformer --json $(BENCH_DIR)/model_transformer.json
+	$(VPY) -m pysparse bench compact --json $(BENCH_DIR)/compact_resnet50.json
 	$(VPY) -m pysparse bench report --json $(BENCH_DIR)/kernels.json --json $(BENCH_DIR)/model_transformer.json \
+	  --json $(BENCH_DIR)/compact_resnet50.json \
 	  --notes $(BENCH_DIR)/NOTES.md --out BENCHMARKS.md
 
 # On a GPU machine (PyTorch, Triton, CUDA, pytest; no network, nothing to install):

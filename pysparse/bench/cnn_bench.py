@@ -53,8 +53,10 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> int:
     total = [0]
 
     def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        if isinstance(mod, nn.Conv2d):
-            k = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+        if isinstance(mod, nn.Conv2d) or type(mod).__name__ == "Int8Conv2d":
+            # Int8Conv2d carries in_channels, groups and kernel_size as nn.Conv2d does
+            ks = mod.kernel_size if isinstance(mod.kernel_size, tuple) else (mod.kernel_size,) * 2
+            k = mod.in_channels // getattr(mod, "groups", 1) * ks[0] * ks[1]
             total[0] += out.numel() * k
         elif isinstance(mod, nn.Linear):
             total[0] += out.numel() * mod.in_features

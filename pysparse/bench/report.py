@@ -7,7 +7,7 @@ from typing import Sequence
 
 from .results import load_json, render_markdown, tables_for
 
-_KIND_TITLE = {"kernels": "Kernels", "model": "Model"}
+_KIND_TITLE = {"kernels": "Kernels", "model": "Model", "cnn": "Compacted CNN"}
 
 
 def _machine_lines(doc: dict) -> list[str]:
@@ -67,7 +67,7 @@ def render_report(paths: Sequence[str], out_path: str, notes_path: str | None = 
             lines += [f"(plot `{doc['plot']}` not found next to the JSON)", ""]
         for t in tables_for(doc):
             lines += [render_markdown(t), ""]
-        notes = doc.get("notes", []) if doc.get("kind") != "model" else []
+        notes = doc.get("notes", []) if doc.get("kind") not in ("model", "cnn") else []  # in their tables
         skipped = doc.get("skipped", [])
         if notes or skipped:
             lines += ["Notes:", ""] + [f"- {n}" for n in notes]
