@@ -16,12 +16,20 @@ NODEPS := torch-pruning
 $(VPY):
 	$(PY) -m venv --system-site-packages $(VENV)
 
-setup: $(VPY)
+# Setup runs again only when the build inputs change (the extension build takes minutes on 2
+# cores): `make test` then `make demo` builds once. Python sources need no reinstall (editable).
+SETUP_STAMP := $(VENV)/.pysparse-setup
+BUILD_INPUTS := $(shell find csrc -type f) setup.py pyproject.toml Makefile
+
+$(SETUP_STAMP): $(VPY) $(BUILD_INPUTS)
 	@$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "$(TORCH_CPU)" || \
 	  { echo "setup: no torch installed and $(TORCH_CPU) is not available here; install a CPU torch 2.11-2.14 first" >&2; exit 1; }
 	$(VPY) -m pip install -q $(DEPS)
 	$(VPY) -m pip install -q --no-deps $(NODEPS)
 	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	@touch $@
+
+setup: $(SETUP_STAMP)
 
 build: $(VPY)
 	$(VPY) setup.py -q build_ext --inplace
@@ -78,4 +86,4 @@ cross-aarch64:
 	@echo "cross-aarch64: ok"
 
 clean:
-	rm -rf build *.egg-info pysparse/_C*.so
+	rm -rf build *.egg-info pysparse/_C*.so $(SETUP_STAMP)
