@@ -26,6 +26,22 @@ inline cpu::Policy policy() {
 inline cpu::Kernel path(cpu::Op op, const cpu::OpShape& s, const cpu::Policy& p) { return cpu::kernel_path(op, s, p); }
 inline cpu::Kernel path(cpu::Op op, const cpu::OpShape& s = {}) { return path(op, s, policy()); }
 
+// The int8 GEMM micro-kernel of an ISA unit (int8_linear, int8_mm and int8_conv2d share them);
+// off x86 only the scalar unit is built, and the policy selects nothing else.
+using GemmFn = void (*)(const cpu::GemmArgs&, int64_t, int64_t, int64_t, int64_t, int32_t*, float*);
+inline GemmFn int8_gemm_fn(cpu::Isa isa) {
+#if PYSPARSE_X86
+  switch (isa) {
+    case cpu::Isa::Amx: return cpu::gemm_amx;
+    case cpu::Isa::Avx512: return cpu::gemm_avx512;
+    case cpu::Isa::Avx2: return cpu::gemm_avx2;
+    default: break;
+  }
+#endif
+  (void)isa;
+  return cpu::gemm_scalar;
+}
+
 // x: CPU, float32/bfloat16/float16, last dimension K.
 inline void check_x(const Tensor& x, int64_t K, const char* op) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be on the CPU (the weight is), got ", x.device());

@@ -36,21 +36,7 @@ using cpu::kPackK;
 using cpu::kPackN;
 using cpu::round_up;
 
-using GemmFn = void (*)(const GemmArgs&, int64_t, int64_t, int64_t, int64_t, int32_t*, float*);
-
-GemmFn gemm_fn(Isa isa) {
-#if PYSPARSE_X86
-  switch (isa) {
-    case Isa::Amx: return cpu::gemm_amx;
-    case Isa::Avx512: return cpu::gemm_avx512;
-    case Isa::Avx2: return cpu::gemm_avx2;
-    default: return cpu::gemm_scalar;
-  }
-#else
-  (void)isa;  // off x86 only the scalar units are built (the policy selects nothing else)
-  return cpu::gemm_scalar;
-#endif
-}
+using ops::GemmFn;
 
 // The AVX2 unit's kernel where the path has AVX2, else the scalar twin; off x86 always scalar.
 #if PYSPARSE_X86
@@ -287,7 +273,7 @@ Tensor int8_conv2d(const Tensor& x, const Tensor& packed, const Tensor& colsum, 
     return out;
   }
 
-  const GemmFn fn = gemm_fn(isa);
+  const GemmFn fn = ops::int8_gemm_fn(isa);
   const auto requant_fn = PYSPARSE_PICK(avx2, cpu::act_requant_rows_avx2, cpu::act_requant_rows_scalar);
   const int64_t nblocks = (P + kPixBlock - 1) / kPixBlock, nchunks = p.Np / kPackN;
   // Few pixel blocks (batch 1 at 7x7 is one block): split the 64-column chunks too, so

@@ -23,20 +23,7 @@ using cpu::kPackK;
 using cpu::kPackN;
 using cpu::round_up;
 
-using GemmFn = void (*)(const GemmArgs&, int64_t, int64_t, int64_t, int64_t, int32_t*, float*);
-
-GemmFn gemm_fn(Isa isa) {
-#if PYSPARSE_X86
-  switch (isa) {
-    case Isa::Amx: return cpu::gemm_amx;
-    case Isa::Avx512: return cpu::gemm_avx512;
-    case Isa::Avx2: return cpu::gemm_avx2;
-    default: break;
-  }
-#endif
-  (void)isa;
-  return cpu::gemm_scalar;
-}
+using ops::GemmFn;
 // Only the AVX-512 VNNI path multiplies u8 x s8 (VPDPBUSD); AMX and AVX2 use s8 x s8.
 bool isa_wants_u8(Isa isa) { return isa == Isa::Avx512; }
 
@@ -45,7 +32,7 @@ bool isa_wants_u8(Isa isa) { return isa == Isa::Avx512; }
 constexpr int64_t kRowsPerTask = 256;
 
 void run_gemm(const GemmArgs& g, Isa isa) {
-  const GemmFn fn = gemm_fn(isa);
+  const GemmFn fn = ops::int8_gemm_fn(isa);
   const int64_t mblocks = (g.M + kRowsPerTask - 1) / kRowsPerTask;
   const int64_t nchunks = g.Np / kPackN;
   at::parallel_for(0, mblocks * nchunks, 1, [&](int64_t begin, int64_t end) {
