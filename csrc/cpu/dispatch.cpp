@@ -66,32 +66,32 @@ Policy policy_now() {
   return decode(g_policy.load(std::memory_order_acquire));
 }
 
-int set_isa_cap(int cap) {
-  if (cap < -1 || cap >= kNumIsas) throw std::invalid_argument("set_isa_cap: cap out of range");
+namespace {
+// Change one field of the policy word atomically (other fields as another setter left them);
+// returns the policy before the change.
+template <class F>
+Policy update_policy(F&& change) {
   init_policy();
   uint32_t w = g_policy.load();
   Policy p;
   do {
     p = decode(w);
     Policy q = p;
-    q.isa_cap = cap;
+    change(q);
     if (g_policy.compare_exchange_weak(w, encode(q))) break;
   } while (true);
-  return p.isa_cap;
+  return p;
+}
+}  // namespace
+
+int set_isa_cap(int cap) {
+  if (cap < -1 || cap >= kNumIsas) throw std::invalid_argument("set_isa_cap: cap out of range");
+  return update_policy([cap](Policy& q) { q.isa_cap = cap; }).isa_cap;
 }
 
 int set_bf16_mode(int mode) {
   if (mode < -1 || mode > 1) throw std::invalid_argument("set_bf16_mode: mode must be -1, 0 or 1");
-  init_policy();
-  uint32_t w = g_policy.load();
-  Policy p;
-  do {
-    p = decode(w);
-    Policy q = p;
-    q.bf16 = mode;
-    if (g_policy.compare_exchange_weak(w, encode(q))) break;
-  } while (true);
-  return p.bf16;
+  return update_policy([mode](Policy& q) { q.bf16 = mode; }).bf16;
 }
 
 int parse_isa(const char* s, const char* what) {
