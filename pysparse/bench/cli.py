@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .kernels import FAMILIES
 
     top = _Parser(prog="pysparse", description="pysparse tools")
-    sub = top.add_subparsers(dest="command", required=True, metavar="{bench}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="{bench,compress,plan}")
+    # compress and plan have their own parsers (pysparse/__main__.py routes to them); listed here for --help
+    sub.add_parser("compress", help="run a compression recipe on a model: pysparse compress --help", add_help=False)
+    sub.add_parser("plan", help="measure a per-layer format plan for a model: pysparse plan --help", add_help=False)
     bench = sub.add_parser("bench", help="benchmark pysparse against its peers")
     bsub = bench.add_subparsers(dest="what", required=True, metavar="{kernels,model,compact,report}")
 

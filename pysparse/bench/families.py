@@ -53,7 +53,8 @@ def _int8_contenders(device: str) -> list[Contender]:
         return [peers.pysparse_int8_cuda(), peers.dense("cublas-bf16", torch.bfloat16, "cuda"),
                 peers.torchao_int8("cuda"), peers.int_mm("cuda")]
     return [*(peers.pysparse_int8(isa) for isa in peers.cpu_isas()), peers.dense("fp32"),
-            peers.dense("bf16", torch.bfloat16), peers.quantize_dynamic(), peers.torchao_int8(), peers.int_mm()]
+            peers.dense("bf16", torch.bfloat16), peers.quantize_dynamic(), peers.torchao_int8(), peers.onnxruntime_int8(),
+            peers.int_mm()]
 
 
 def _sparse_cases(quick: bool, shapes: Shapes) -> list[Case]:

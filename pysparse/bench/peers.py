@@ -114,6 +114,59 @@ def quantize_dynamic() -> Contender:
                      else "torch has no quantized engine here")
 
 
+def _ort_missing() -> Optional[str]:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        from onnxruntime.quantization import quantize_dynamic as _  # noqa: F401
+    except Exception as e:
+        return f"onnxruntime / onnx not importable: {type(e).__name__}: {e}".splitlines()[0]
+    return None
+
+
+def onnxruntime_int8() -> Contender:
+    """ONNX Runtime's dynamic int8 quantization of a Linear (onnxruntime.quantization.quantize_dynamic:
+    per-channel int8 weights, DynamicQuantizeLinear + MatMulInteger, MLAS kernels), intra-op threads
+    = torch's, spinning off (a spinning pool steals the cores from the next contender in an
+    interleaved run). The time includes the numpy hand-off a user of its Python API pays."""
+    def prepare(w: torch.Tensor, b: Optional[torch.Tensor]) -> Any:
+        import os
+        import tempfile
+
+        import numpy as np
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        N, K = w.shape
+        nodes = [helper.make_node("MatMul", ["x", "wt"], ["y" if b is None else "mm"])]
+        inits = [numpy_helper.from_array(w.t().contiguous().numpy().astype(np.float32), "wt")]
+        if b is not None:
+            nodes.append(helper.make_node("Add", ["mm", "b"], ["y"]))
+            inits.append(numpy_helper.from_array(b.numpy().astype(np.float32), "b"))
+        graph = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", N])], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        with tempfile.TemporaryDirectory() as d, quiet():
+            src, dst = os.path.join(d, "f.onnx"), os.path.join(d, "q.onnx")
+            onnx.save(model, src)
+            quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True)
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = torch.get_num_threads()
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.log_severity_level = 3
+            sess = ort.InferenceSession(dst, so, providers=["CPUExecutionProvider"])
+        return sess, w, b
+
+    def call(state: Any, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(state[0].run(None, {"x": x.numpy()})[0])
+
+    # a session cannot be deep-copied: the weight-rotation copies (M <= 16) are fresh sessions
+    return Contender(name="onnxruntime-int8", role="peer", prepare=prepare, call=call, weight_bytes=_int8_bytes,
+                     tolerance=TOL_INT8, available=_ort_missing, copy=lambda st: prepare(st[1], st[2]))
+
+
 def _torchao_missing() -> Optional[str]:
     try:
         with quiet():
