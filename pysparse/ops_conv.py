@@ -1,6 +1,7 @@
-"""pysparse::compact_conv2d on the Python side: the weight packing, the fake kernel and the
-typed wrapper (the schema is in csrc/ops/registry.cpp, the CPU kernel in
-csrc/ops/compact_conv2d.cpp and csrc/cpu/compact_conv2d_*.cpp).
+"""pysparse::compact_conv2d on the Python side: the weight packing, the fake kernel, the CUDA
+kernel's registration and the typed wrapper (the schema is in csrc/ops/registry.cpp, the
+CPU kernel in csrc/ops/compact_conv2d.cpp and csrc/cpu/compact_conv2d_*.cpp, the CUDA one
+in kernels/compact_conv2d.py, on Triton).
 
 A compacted convolution reads only the kept input channels of a full-width NHWC activation
 (by index, inside the kernel) and writes only the kept output channels of a full-width NHWC
@@ -11,14 +12,24 @@ members were pruned differently) still costs only its kept MACs.
 Inference only: the op has no backward (calling backward through it raises).
 groups=1 only: grouped and depthwise convolutions are compacted physically (their channels
 are sliced away by pysparse.compact) and run through the dense convolution.
+
+One weight layout on every device: the packed [P, kh, kw, Cin_kept, 16] panels are what
+the Triton kernel reads too, so a layer (and its state_dict) moves between CPU and CUDA
+unchanged. On CUDA the index tensors are trusted when already on the device (checking
+them costs a sync per call; CompactConv2d checks its own once, at construction) and
+checked when given on the CPU; the fp32 products follow PyTorch's rule for fp32
+convolutions (torch.backends.cudnn.conv.fp32_precision / cudnn.allow_tf32, TF32 by
+default), so the op rounds as F.conv2d does on the same GPU.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 import torch
 
 from . import _C  # noqa: F401  (loads the library: schemas + CPU kernels)
+from ._cuda_ops import HAS_TRITON, load_kernel_module
 
 CONV_PANEL = 16  # csrc/cpu/compact_conv2d.h kConvPanel: output channels per weight panel
 
@@ -92,8 +103,8 @@ def compact_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
                    out_channels: int, residual: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
     """Compacted convolution (groups=1, float32, inference only).
 
-    x: [N, C_in_full, H, W] float32, best in channels_last memory (read in place; any other
-    layout is copied to channels_last first). weight: packed by pack_compact_conv2d_weight
+    x: [N, C_in_full, H, W] float32, best in channels_last memory (read in place; on the CPU
+    any other layout is copied to channels_last first, on CUDA read in place). weight: packed by pack_compact_conv2d_weight
     from [Cout_kept, Cin_kept, kh, kw]. in_idx: int32/int64 [Cin_kept], the input channels
     read (in [0, C_in_full)). out_idx: int32/int64 [Cout_kept], distinct output channels in
     [0, out_channels). bias: float32 [Cout_kept] or None.
@@ -102,6 +113,66 @@ def compact_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     conv(x[:, in_idx]) + bias and every other channel 0; with ``residual`` (that shape),
     out = residual + the scattered conv; with ``relu``, ReLU on every channel after the add
     (as a ResNet block's add + ReLU: untouched channels are relu(residual)).
+
+    On CUDA tensors the Triton kernel runs (compact_conv2d_cuda); in_idx / out_idx may then
+    be CPU tensors (checked, then copied) or on x's device (trusted: out-of-range values are
+    ignored, a repeated out_idx races).
     """
     return torch.ops.pysparse.compact_conv2d(x, weight, bias, in_idx, out_idx, list(stride), list(padding),
                                              list(dilation), out_channels, residual, relu)
+
+
+# ------------------------------------------------------------------------------ CUDA (Triton)
+_kernels = None
+CUDA_REGISTERED = False
+
+
+def _triton_kernels():
+    """kernels/compact_conv2d.py, imported on the first CUDA call (importing pysparse neither
+    imports triton nor fixes its TRITON_INTERPRET mode)."""
+    global _kernels
+    if _kernels is None:
+        try:
+            _kernels = load_kernel_module("compact_conv2d")
+        except Exception as e:
+            raise RuntimeError(f"pysparse: the Triton compact_conv2d kernel failed to load "
+                               f"({type(e).__name__}: {e})") from e
+    return _kernels
+
+
+def fp32_conv_precision() -> str:
+    """"tf32" or "ieee": what PyTorch lets an fp32 convolution on CUDA use now
+    (torch.backends.cudnn.conv.fp32_precision, else the legacy cudnn.allow_tf32)."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    p = getattr(conv, "fp32_precision", None)
+    if p in ("tf32", "ieee"):
+        return p
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+def compact_conv2d_cuda(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], in_idx: torch.Tensor,
+                        out_idx: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
+                        dilation: Sequence[int], out_channels: int, residual: Optional[torch.Tensor] = None,
+                        relu: bool = False) -> torch.Tensor:
+    """pysparse::compact_conv2d on CUDA: one Triton kernel (kernels/compact_conv2d.py), the
+    arguments of ``compact_conv2d``. TF32 products when PyTorch allows them for fp32 convs
+    (``fp32_conv_precision()``; set torch.backends.cudnn.conv.fp32_precision = "ieee" for
+    true fp32)."""
+    return _triton_kernels().compact_conv2d_triton(x, weight, bias, in_idx, out_idx, stride, padding, dilation,
+                                                   out_channels, residual, relu,
+                                                   precision=fp32_conv_precision())
+
+
+def _register_cuda() -> None:
+    """Register compact_conv2d_cuda for the CUDA dispatch key, once (nothing without Triton;
+    never touches a device, so a CPU-only machine imports this module cleanly)."""
+    global CUDA_REGISTERED
+    if CUDA_REGISTERED or not HAS_TRITON:
+        return
+    torch.library.register_kernel("pysparse::compact_conv2d", "cuda", compact_conv2d_cuda)
+    CUDA_REGISTERED = True
+
+
+_register_cuda()
