@@ -16,6 +16,12 @@ multiple of 16) is then BLOCK_K * BLOCK_N / 16 runs of 16 contiguous floats (64 
 full 32-byte sectors), so the GPU needs no layout of its own and a packed weight (and a
 state_dict) moves between devices as it is.
 
+The kernel also reads a K-major weight, float32 [Cout_kept, kh, kw, Cin_kept] (``kmajor_weight``
+makes one from the panels): Hopper's TF32 wgmma takes its B operand K-major only, so from the
+panels the B tile reaches shared memory in 4-byte copies (compiled for sm_90: cp.async of
+4 bytes), and K-major in 16-byte ones where Cin_kept allows. The op and CompactConv2d keep
+the portable panels; gpu-check times both (an unmeasured choice, made without a GPU).
+
 Output channels the conv does not write are filled before the launch: 0, the residual, or
 relu(residual) (one pass over the output; the kernel then overwrites the kept channels).
 
@@ -31,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["compact_conv2d_triton", "conv_out_size", "PANEL", "PRECISIONS"]
+__all__ = ["compact_conv2d_triton", "kmajor_weight", "conv_out_size", "PANEL", "PRECISIONS"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -89,7 +95,7 @@ def _m_bucket(M: int) -> int:
     return max(16, min(triton.next_power_of_2(max(M, 1)), 1 << 20))
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "COUT", "CIN", "KH", "KW", "PRECISION"],
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "COUT", "CIN", "KH", "KW", "PRECISION", "W_KMAJOR"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _compact_conv2d_kernel(
@@ -102,6 +108,7 @@ def _compact_conv2d_kernel(
     stride_ii, stride_oi, stride_b,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, PRECISION: tl.constexpr,
+    W_KMAJOR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[pixel m, out_idx[j]] = relu?(sum_k A[m, k] W[k, j] + bias[j] + residual[m, out_idx[j]])."""
@@ -122,10 +129,12 @@ def _compact_conv2d_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    # Rows and columns past the edge wrap onto valid ones (never stored), so the loads need
-    # masks for the padding taps and K only.
-    m = rm % M
-    rnw = rn % COUT
+    # Rows and columns past the edge are clamped onto the last valid one (never stored), so
+    # the loads need masks for the padding taps and K only. Clamps, not `% M` / `% COUT`: a
+    # remainder by a run-time value hides from Triton's axis analysis that the weight
+    # columns come in runs of 16 contiguous floats (the vectorized loads of a panel).
+    m = tl.minimum(rm, M - 1)
+    rnw = tl.minimum(rn, COUT - 1)
     hw = HO * WO
     n_img = m // hw
     rem = m - n_img * hw
@@ -136,29 +145,43 @@ def _compact_conv2d_kernel(
     # int64 offsets: a batch of activations can pass 2**31 elements.
     x_img = x_ptr + n_img.to(tl.int64) * stride_xn
     # Column j of the weight: panel j // 16, lane j % 16; row k = (r * KW + s) * CIN + c at
-    # 16 floats a row.
+    # 16 floats a row. Columns of the last panel past COUT are its zero padding; tiles
+    # past the last panel read it again (clamped panel index; those columns are not stored).
+    # K-major ([Cout, kh, kw, Cin]): column j starts at j * KKC and k is contiguous.
     KKC = KH * KW * CIN
-    w_col = w_ptr + (rnw // 16).to(tl.int64) * KKC * 16 + (rnw % 16)
+    if W_KMAJOR:
+        w_col = w_ptr + rnw.to(tl.int64) * KKC
+    else:
+        panel = tl.minimum(rn // 16, (COUT - 1) // 16)
+        w_col = w_ptr + panel.to(tl.int64) * KKC * 16 + (rn % 16)
 
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-    for r in range(KH):
+    # One flat loop over (tap, channel block), not nested loops over r, s and c: the
+    # software pipeliner overlaps the loads of the next step only within one loop, and a
+    # pruned layer's channel loop is often one or two blocks long.
+    n_cb = (CIN + BLOCK_K - 1) // BLOCK_K
+    for kk in range(0, KH * KW * n_cb):
+        tap = kk // n_cb
+        c0 = (kk - tap * n_cb) * BLOCK_K
+        r = tap // KW
+        s = tap - r * KW
         h = h0 + r * DH
-        h_ok = (h >= 0) & (h < H)
-        for s in range(KW):
-            w_ = w0 + s * DW
-            ok = h_ok & (w_ >= 0) & (w_ < W)
-            pix = x_img + h.to(tl.int64) * stride_xh + w_.to(tl.int64) * stride_xw
-            tap = (r * KW + s) * CIN
-            for c0 in range(0, CIN, BLOCK_K):
-                c = c0 + rk
-                c_ok = c < CIN
-                ci = tl.load(in_idx_ptr + c * stride_ii, mask=c_ok, other=0).to(tl.int64)
-                # an index outside [0, C_in) (trusted on the device: the layers check theirs
-                # once, at construction) reads 0, never out of bounds
-                a_ok = c_ok & (ci >= 0) & (ci < C_IN_FULL)
-                a = tl.load(pix[:, None] + ci[None, :] * stride_xc, mask=ok[:, None] & a_ok[None, :], other=0.0)
-                b = tl.load(w_col[None, :] + (tap + c).to(tl.int64)[:, None] * 16, mask=c_ok[:, None], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float32)
+        w_ = w0 + s * DW
+        ok = (h >= 0) & (h < H) & (w_ >= 0) & (w_ < W)
+        pix = x_img + h.to(tl.int64) * stride_xh + w_.to(tl.int64) * stride_xw
+        c = c0 + rk
+        c_ok = c < CIN
+        ci = tl.load(in_idx_ptr + c * stride_ii, mask=c_ok, other=0).to(tl.int64)
+        # an index outside [0, C_in) (trusted on the device: the layers check theirs once,
+        # at construction) reads 0, never out of bounds
+        a_ok = c_ok & (ci >= 0) & (ci < C_IN_FULL)
+        a = tl.load(pix[:, None] + ci[None, :] * stride_xc, mask=ok[:, None] & a_ok[None, :], other=0.0)
+        if W_KMAJOR:
+            b = tl.load(w_col[None, :] + (tap * CIN + c).to(tl.int64)[:, None], mask=c_ok[:, None], other=0.0)
+        else:
+            b = tl.load(w_col[None, :] + (tap * CIN + c).to(tl.int64)[:, None] * 16, mask=c_ok[:, None],
+                        other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float32)
 
     mask_m = rm < M
     oc = tl.load(out_idx_ptr + rnw * stride_oi).to(tl.int64)
@@ -253,7 +276,8 @@ def compact_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
         x: float32 [N, C_in_full, H, W], any strides (channels_last reads fastest: the
             channel gather is then one contiguous row per pixel).
         weight: float32 [ceil(Cout_kept / 16), kh, kw, Cin_kept, 16], contiguous, from
-            pysparse.ops_conv.pack_compact_conv2d_weight (the CPU op's layout).
+            pysparse.ops_conv.pack_compact_conv2d_weight (the CPU op's layout); or K-major
+            [Cout_kept, kh, kw, Cin_kept], contiguous (``kmajor_weight``; this function only).
         bias: float32 [Cout_kept] or None.
         in_idx: int32/int64 [Cin_kept], the channels of x read; out_idx: int32/int64
             [Cout_kept], distinct channels of the output written. On the CPU they are
@@ -274,12 +298,12 @@ def compact_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
         raise ValueError(f"{_OP}: x must be a 4-D float32 tensor [N, C, H, W], got "
                          f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
     dev = x.device
-    if (not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32 or weight.dim() != 5
-            or weight.shape[4] != PANEL or not weight.is_contiguous()):
+    if (not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32 or weight.dim() not in (4, 5)
+            or (weight.dim() == 5 and weight.shape[4] != PANEL) or not weight.is_contiguous()):
         raise ValueError(f"{_OP}: weight must be the packed layout, a contiguous float32 tensor "
                          f"[ceil(Cout/16), kh, kw, Cin_kept, 16] (pysparse.ops_conv.pack_compact_conv2d_weight), "
-                         f"got {getattr(weight, 'dtype', type(weight).__name__)} "
-                         f"{tuple(getattr(weight, 'shape', ()))}"
+                         f"or K-major [Cout_kept, kh, kw, Cin_kept] (kmajor_weight), got "
+                         f"{getattr(weight, 'dtype', type(weight).__name__)} {tuple(getattr(weight, 'shape', ()))}"
                          f"{'' if not isinstance(weight, torch.Tensor) or weight.is_contiguous() else ' (not contiguous)'}")
     if weight.device != dev:
         raise ValueError(f"{_OP}: weight is on {weight.device} but x is on {dev}")
@@ -290,13 +314,16 @@ def compact_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     dh, dw = _pair(dilation, "dilation", 1)
     if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 0:
         raise ValueError(f"{_OP}: out_channels must be an int >= 0, got {out_channels!r}")
-    P, KH, KW, CIN = weight.shape[:4]
+    kmajor = weight.dim() == 4
+    rows, KH, KW, CIN = weight.shape[:4]
     if KH < 1 or KW < 1:
         raise ValueError(f"{_OP}: the kernel size must be >= 1, got {KH}x{KW}")
-    if not isinstance(out_idx, torch.Tensor) or out_idx.dim() != 1 or P != -(-out_idx.shape[0] // PANEL):
+    if not isinstance(out_idx, torch.Tensor) or out_idx.dim() != 1 or rows != (
+            out_idx.shape[0] if kmajor else -(-out_idx.shape[0] // PANEL)):
+        held = f"{rows} rows" if kmajor else (f"{rows} panels of 16 ({max(rows * 16 - 15, 0)} to {rows * 16} "
+                                              "outputs)")
         raise ValueError(f"{_OP}: out_idx ({tuple(getattr(out_idx, 'shape', ()))}) must list one output "
-                         f"channel per kept output; the packed weight holds {P} panels of 16 "
-                         f"({max(P * 16 - 15, 0)} to {P * 16} outputs)")
+                         f"channel per kept output; the {'K-major' if kmajor else 'packed'} weight holds {held}")
     COUT = out_idx.shape[0]
     N, C, H, W = x.shape
     in_idx = _index(in_idx, "in_idx", CIN, "kept input channels", C, "x.shape[1]", False, dev)
@@ -332,13 +359,13 @@ def compact_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
         # Triton launches on the current device; the tensors may live on another one.
         with torch.cuda.device(dev):
             return _launch(x, weight, bias, in_idx, out_idx, residual, out, M, C, H, W, HO, WO, out_channels,
-                           CIN, COUT, (sh, sw, ph, pw, dh, dw), KH, KW, bool(relu), precision)
+                           CIN, COUT, (sh, sw, ph, pw, dh, dw), KH, KW, bool(relu), precision, kmajor)
     return _launch(x, weight, bias, in_idx, out_idx, residual, out, M, C, H, W, HO, WO, out_channels,
-                   CIN, COUT, (sh, sw, ph, pw, dh, dw), KH, KW, bool(relu), precision)
+                   CIN, COUT, (sh, sw, ph, pw, dh, dw), KH, KW, bool(relu), precision, kmajor)
 
 
 def _launch(x, weight, bias, in_idx, out_idx, residual, out, M, C, H, W, HO, WO, out_channels, CIN, COUT,
-            geom, KH, KW, relu, precision) -> torch.Tensor:
+            geom, KH, KW, relu, precision, kmajor) -> torch.Tensor:
     # Unused pointers (no bias, no residual, no kept input: an empty weight / in_idx) get
     # `out`, never a zero-size tensor (whose data pointer may be null).
     b = bias if bias is not None else out
@@ -353,6 +380,19 @@ def _launch(x, weight, bias, in_idx, out_idx, residual, out, M, C, H, W, HO, WO,
         *x.stride(), *out.stride(), *r.stride(),
         ii.stride(0), out_idx.stride(0), b.stride(0) if bias is not None else 0,
         KH=KH, KW=KW, HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu,
-        PRECISION=precision,
+        PRECISION=precision, W_KMAJOR=kmajor,
     )
     return out
+
+
+def kmajor_weight(packed: torch.Tensor, cout: int) -> torch.Tensor:
+    """The packed panels [P, kh, kw, Cin, 16] as a K-major weight [cout, kh, kw, Cin] (each
+    output channel's K = (kh, kw, cin) contiguous), on packed's device; for
+    compact_conv2d_triton. Once, at setup: never per call."""
+    if not isinstance(packed, torch.Tensor) or packed.dim() != 5 or packed.shape[4] != PANEL:
+        raise ValueError(f"{_OP}: packed must be [P, kh, kw, Cin, {PANEL}] panels, got "
+                         f"{tuple(getattr(packed, 'shape', ()))}")
+    P, kh, kw, ci, _ = packed.shape
+    if not 0 <= cout <= P * PANEL or -(-cout // PANEL) != P:
+        raise ValueError(f"{_OP}: cout={cout} does not fit {P} panels of {PANEL}")
+    return packed.permute(0, 4, 1, 2, 3).reshape(P * PANEL, kh, kw, ci)[:cout].contiguous()

@@ -160,6 +160,12 @@ def compact_conv2d_cuda(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     arguments of ``compact_conv2d``. TF32 products when PyTorch allows them for fp32 convs
     (``fp32_conv_precision()``; set torch.backends.cudnn.conv.fp32_precision = "ieee" for
     true fp32)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 5:
+        # the kernel also takes a 4-D K-major weight; the op takes the packed panels only (a
+        # 4-D tensor here is most likely an unpacked [Cout, Cin, kh, kw] weight)
+        raise ValueError("compact_conv2d: weight must be the packed layout, a contiguous float32 tensor "
+                         "[ceil(Cout/16), kh, kw, Cin_kept, 16] (pysparse.ops_conv.pack_compact_conv2d_weight), "
+                         f"got {getattr(weight, 'dtype', type(weight).__name__)} {tuple(getattr(weight, 'shape', ()))}")
     return _triton_kernels().compact_conv2d_triton(x, weight, bias, in_idx, out_idx, stride, padding, dilation,
                                                    out_channels, residual, relu,
                                                    precision=fp32_conv_precision())

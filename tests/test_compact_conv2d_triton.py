@@ -116,9 +116,9 @@ def test_matches_float64_reference(shape):
 
 
 def test_bias_residual_relu_combinations():
-    x, w, b, ii, oi = _case(1, 10, 5, 5, 6, 7, 11, (3, 3))
+    x, w, b, ii, oi = _case(1, 10, 4, 4, 6, 7, 11, (3, 3))
     wp = ops_conv.pack_compact_conv2d_weight(w)
-    res = torch.randn(1, 11, 5, 5).contiguous(memory_format=CL)
+    res = torch.randn(1, 11, 4, 4).contiguous(memory_format=CL)
     for bias in (b, None):
         for r in (None, res):
             for relu in (False, True):
@@ -127,19 +127,19 @@ def test_bias_residual_relu_combinations():
 
 
 def test_non_contiguous_inputs_and_int32_indices():
-    x, w, b, ii, oi = _case(1, 12, 6, 7, 9, 10, 14, (3, 3))
+    x, w, b, ii, oi = _case(1, 12, 4, 5, 9, 10, 14, (3, 3))
     wp = ops_conv.pack_compact_conv2d_weight(w)
     args = ((1, 1), (1, 1), (1, 1), 14)
-    big = torch.randn(1, 15, 13, 9).contiguous(memory_format=CL)
+    big = torch.randn(1, 15, 9, 7).contiguous(memory_format=CL)
     views = {
-        "channels_last slice (channel stride 1, odd pixel strides)": big[:, 2:14, ::2, 1:8],
+        "channels_last slice (channel stride 1, odd pixel strides)": big[:, 2:14, ::2, 1:6],
         "NCHW contiguous (read in place)": x.contiguous(),
-        "NCHW transposed view": torch.randn(1, 12, 7, 6).transpose(2, 3),
+        "NCHW transposed view": torch.randn(1, 12, 5, 4).transpose(2, 3),
     }
     for name, xv in views.items():
         y = conv(xv, wp, b, ii, oi, *args, None, False)
         _check(y, xv, w, b, ii, oi, *args, None, False)
-    res = torch.randn(1, 14, 6, 7)  # NCHW residual, read through its strides
+    res = torch.randn(1, 14, 4, 5)  # NCHW residual, read through its strides
     y = conv(x, wp, b, ii, oi, *args, res, True)
     _check(y, x, w, b, ii, oi, *args, res, True)
     assert torch.equal(conv(x, wp, b, ii.int(), oi.int(), *args, res, True), y)
@@ -193,7 +193,8 @@ def test_bad_input_names_the_argument():
         (lambda: conv(x.double(), wp, None, i3, i6, *a), "x must be a 4-D float32 tensor"),
         (lambda: conv(x[0], wp, None, i3, i6, *a), "x must be a 4-D float32 tensor"),
         (lambda: conv(x, wp.double(), None, i3, i6, *a), "weight must be the packed layout"),
-        (lambda: conv(x, torch.randn(6, 3, 3, 3), None, i3, i6, *a), "weight must be the packed layout"),
+        (lambda: conv(x, torch.randn(6, 3, 27), None, i3, i6, *a), "weight must be the packed layout"),
+        (lambda: conv(x, torch.randn(5, 3, 3, 3), None, i3, i6, *a), "the K-major weight holds 5 rows"),
         (lambda: conv(x, wp.transpose(1, 2), None, i3, i6, *a), "(not contiguous)"),
         (lambda: conv(x, wp.to("meta"), None, i3, i6, *a), "weight is on meta but x is on cpu"),
         (lambda: conv(x, wp, None, torch.tensor([0, 1, 4]), i6, *a), "in_idx[2]=4 is outside [0, 4)"),
@@ -217,6 +218,21 @@ def test_bad_input_names_the_argument():
     for fn, msg in cases:
         with pytest.raises(ValueError, match=re.escape("compact_conv2d: ") + ".*" + re.escape(msg)):
             fn()
+
+
+def test_kmajor_weight_gives_the_same_result():
+    # The same operand values reach every tl.dot in either layout (only the addresses
+    # differ), so the interpreter's results are equal bit for bit.
+    for cin, cout in ((9, 40), (0, 5), (4, 0)):
+        x, w, b, ii, oi = _case(1, 9, 7, 7, cin, cout, 45, (3, 3))
+        wp = ops_conv.pack_compact_conv2d_weight(w)
+        wk = T.kmajor_weight(wp, cout)
+        assert wk.shape == (cout, 3, 3, cin) and torch.equal(wk, w.permute(0, 2, 3, 1))
+        res = torch.randn(1, 45, 4, 4)
+        args = (b, ii, oi, (2, 2), (1, 1), (1, 1), 45, res, True)
+        assert torch.equal(conv(x, wk, *args), conv(x, wp, *args))
+    with pytest.raises(ValueError, match="cout=17 does not fit 1 panels"):
+        T.kmajor_weight(ops_conv.pack_compact_conv2d_weight(torch.randn(3, 2, 1, 1)), 17)
 
 
 def test_config_pruning():
@@ -252,6 +268,8 @@ def test_cuda_wrapper_follows_torch_fp32_conv_precision(monkeypatch):
     y = ops_conv.compact_conv2d_cuda(x, wp, b, ii, oi, [1, 1], [1, 1], [1, 1], 7, res, True)
     _check(y, x, w, b, ii, oi, (1, 1), (1, 1), (1, 1), 7, res, True)
     assert seen["precision"] == ops_conv.fp32_conv_precision()
+    with pytest.raises(ValueError, match=re.escape("compact_conv2d: weight must be the packed layout")):
+        ops_conv.compact_conv2d_cuda(x, w, b, ii, oi, [1, 1], [1, 1], [1, 1], 7, res, True)  # unpacked: refused
     conv_flags = getattr(torch.backends.cudnn, "conv", None)
     if conv_flags is not None and hasattr(conv_flags, "fp32_precision"):
         for p in ("ieee", "tf32"):
