@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import _C  # noqa: F401  (loads the library: schemas + CPU kernels)
+from . import reference
 from ._cuda_ops import HAS_TRITON, load_kernel_module
 
 CONV_PANEL = 16  # csrc/cpu/compact_conv2d.h kConvPanel: output channels per weight panel
@@ -182,3 +183,60 @@ def _register_cuda() -> None:
 
 
 _register_cuda()
+
+
+# ------------------------------------------------------------------------------ timing entry
+def compact_conv2d_case(n: int, in_channels: int, out_channels: int, hw: int, kernel_size: int = 3, *,
+                        keep_in: float = 0.5, keep_out: float = 0.5, stride: int = 1, residual: bool = False,
+                        relu: bool = False, device: str = "cuda", seed: int = 0) -> dict:
+    """A random compacted convolution and its peers, built on ``device``, for timing
+    (scripts/gpu_check.py; issue 8 (c): >= 0.8x a dense conv of the kept size, >= 1.5x
+    gather + conv + scatter in torch ops).
+
+    x [n, in_channels, hw, hw] channels_last; round(keep_in * in_channels) input and
+    round(keep_out * out_channels) output channels kept at random; padding kernel_size // 2.
+    Returns a dict of zero-argument callables -- "pysparse" (the op: Triton on CUDA, C++ on
+    the CPU), "pysparse_kmajor" (CUDA only: the kernel on a K-major weight),
+    "dense_kept" (F.conv2d on the pre-gathered kept input, channels_last: cuDNN on CUDA),
+    "gather_conv_scatter" (pysparse.reference.compact_conv2d) -- and "check" (max |error| of
+    the op over max |float64 reference|), "macs" (the kept multiply-adds), "args" (the op's
+    arguments, for ops_conv.compact_conv2d(*args)), "precision" (the fp32 product precision
+    the CUDA op uses now).
+    """
+    g = torch.Generator().manual_seed(seed)
+    ci, co = max(0, round(keep_in * in_channels)), max(0, round(keep_out * out_channels))
+    x = torch.randn(n, in_channels, hw, hw, generator=g).to(device).contiguous(memory_format=torch.channels_last)
+    ii = torch.randperm(in_channels, generator=g)[:ci].sort().values
+    oi = torch.randperm(out_channels, generator=g)[:co].sort().values
+    w = (torch.randn(co, ci, kernel_size, kernel_size, generator=g) / max(1, ci * kernel_size**2) ** 0.5)
+    b = torch.randn(co, generator=g)
+    pad = kernel_size // 2
+    ho = conv_out_size(hw, kernel_size, stride, pad, 1)
+    res = (torch.randn(n, out_channels, ho, ho, generator=g).to(device).contiguous(memory_format=torch.channels_last)
+           if residual else None)
+    w, b, iid, oid = w.to(device), b.to(device), ii.to(device), oi.to(device)
+    wp = pack_compact_conv2d_weight(w)
+    st, pd, dl = [stride] * 2, [pad] * 2, [1, 1]
+    args = (x, wp, b, iid, oid, st, pd, dl, out_channels, res, relu)
+    x_kept = x.index_select(1, iid).contiguous(memory_format=torch.channels_last)
+    case = {
+        "pysparse": lambda: compact_conv2d(*args),
+        "dense_kept": lambda: torch.nn.functional.conv2d(x_kept, w, b, st, pd, dl),
+        "gather_conv_scatter": lambda: reference.compact_conv2d(x, w, b, iid, oid, st, pd, dl, out_channels, res,
+                                                                relu),
+        "macs": n * ho * ho * co * ci * kernel_size**2,
+        "args": args,
+        "precision": fp32_conv_precision(),
+    }
+    if torch.device(device).type == "cuda":
+        K = _triton_kernels()
+        wk = K.kmajor_weight(wp, co)
+        case["pysparse_kmajor"] = lambda: K.compact_conv2d_triton(x, wk, *args[2:], precision=fp32_conv_precision())
+
+    def check() -> float:
+        ref = reference.compact_conv2d(x.double(), w.double(), b.double(), iid, oid, st, pd, dl, out_channels,
+                                       None if res is None else res.double(), relu)
+        return float((compact_conv2d(*args).double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+    case["check"] = check
+    return case

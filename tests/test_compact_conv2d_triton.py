@@ -277,6 +277,16 @@ def test_cuda_wrapper_follows_torch_fp32_conv_precision(monkeypatch):
             assert ops_conv.fp32_conv_precision() == p
 
 
+def test_timing_case_on_cpu():
+    # The entry gpu-check times (here on the CPU op): every peer computes the same conv.
+    c = ops_conv.compact_conv2d_case(1, 10, 12, 5, 3, stride=2, residual=True, relu=True, device="cpu")
+    assert c["check"]() < 1e-5 and c["macs"] == 1 * 3 * 3 * 6 * 5 * 9
+    y, ref = c["pysparse"](), c["gather_conv_scatter"]()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    oi = c["args"][4]
+    torch.testing.assert_close(y[:, oi], torch.relu(c["dense_kept"]() + c["args"][9][:, oi]), rtol=1e-5, atol=1e-5)
+
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
@@ -340,3 +350,15 @@ def test_cuda_layer_moves_with_its_state_dict():
         f = torch.compile(lambda a, r: g(a, r), fullgraph=True)
         assert torch.equal(f(x.cuda(), res.cuda()), y)
         torch._dynamo.reset()
+
+
+@CUDA
+def test_cuda_timing_case_and_kmajor_kernel():
+    for k, stride in ((1, 1), (3, 2), (3, 1)):
+        c = ops_conv.compact_conv2d_case(2, 64, 48, 14, k, stride=stride, residual=True, relu=True)
+        u_in = U_TF32 if c["precision"] == "tf32" else 0.0
+        # max relative error: fp32 sums of 32 * k * k products, or TF32 inputs (10 bits)
+        assert c["check"]() < (4e-3 if u_in else 1e-5)
+        # the two weight layouts may be tuned to different K blocks (another summation order)
+        tol = 1e-2 if u_in else 1e-5
+        torch.testing.assert_close(c["pysparse_kmajor"](), c["pysparse"](), rtol=tol, atol=tol)
