@@ -287,6 +287,54 @@ def test_timing_case_on_cpu():
     torch.testing.assert_close(y[:, oi], torch.relu(c["dense_kept"]() + c["args"][9][:, oi]), rtol=1e-5, atol=1e-5)
 
 
+# ---------------------------------------------------------------- compiled for a GPU, without one
+def _compile_for(arch: int, precision: str, kmajor: bool):
+    """The kernel compiled ahead of time for sm_<arch> (Triton's ASTSource; ptxas, no GPU).
+    The interpreter checks the math; this checks what only the compiler sees (tl.dot operand
+    shapes and types, layouts, shared memory). Skips where the NVIDIA backend cannot run."""
+    import shutil
+
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        ptxas = triton.knobs.nvidia.ptxas.path
+    except Exception as e:  # another Triton version's internals
+        pytest.skip(f"no ahead-of-time Triton compile here ({type(e).__name__}: {e})")
+    if not (ptxas and os.path.exists(ptxas)) and not shutil.which("ptxas"):
+        pytest.skip("ptxas is not installed")
+    # a copy decorated for the GPU: the one above was decorated for the interpreter
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        spec = importlib.util.spec_from_file_location("_pysparse_compact_conv2d_compiled",
+                                                      ROOT / "kernels" / "compact_conv2d.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        os.environ["TRITON_INTERPRET"] = "1"
+    fn = mod._compact_conv2d_kernel.fn
+    names = fn.arg_names
+    ptrs = {"x_ptr": "*fp32", "w_ptr": "*fp32", "bias_ptr": "*fp32", "in_idx_ptr": "*i64", "out_idx_ptr": "*i64",
+            "res_ptr": "*fp32", "out_ptr": "*fp32"}
+    const = dict(KH=3, KW=3, HAS_BIAS=True, HAS_RES=True, RELU=True, PRECISION=precision, W_KMAJOR=kmajor,
+                 BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)
+    sig = {n: ptrs.get(n, "constexpr" if n in const else "i32") for n in names}
+    # as a launch specializes them: 16-byte aligned pointers, channel counts multiples of 16
+    aligned = list(ptrs) + ["CIN", "COUT", "C_IN_FULL", "C_OUT_FULL"]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 3,
+                                                                                "enable_fp_fusion": True})
+
+
+def test_compiles_for_the_gpu():
+    # The path an H100/H200 runs by default (TF32, the portable weight panels; ~5 s of CPU:
+    # one configuration only). TF32 must reach the tensor cores (sm_90: wgmma).
+    k = _compile_for(90, "tf32", False)
+    assert "wgmma.mma_async" in k.asm["ptx"] and ".tf32" in k.asm["ptx"]
+    assert k.metadata.shared <= 160 * 1024
+
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
