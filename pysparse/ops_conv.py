@@ -19,7 +19,7 @@ unchanged. On CUDA the index tensors are trusted when already on the device (che
 them costs a sync per call; CompactConv2d checks its own once, at construction) and
 checked when given on the CPU; the fp32 products follow PyTorch's rule for fp32
 convolutions (torch.backends.cudnn.conv.fp32_precision / cudnn.allow_tf32, TF32 by
-default), so the op rounds as F.conv2d does on the same GPU.
+default): the op uses TF32 exactly when F.conv2d may on the same GPU.
 """
 from __future__ import annotations
 

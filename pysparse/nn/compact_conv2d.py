@@ -50,7 +50,9 @@ class CompactConv2d(nn.Module):
     with ``relu`` ReLU on every channel after the add (a ResNet block's add + ReLU; untouched
     channels are then relu(residual)). Give x in channels_last memory: other layouts are
     copied first (on the CPU). CPU tensors run the C++ kernels, CUDA tensors the Triton kernel
-    (move the layer with ``.cuda()``: the packed weight is the same on both). Built with ``from_conv`` or ``from_masked``; the weight is packed once.
+    (move the layer with ``.cuda()``: the packed weight is the same on both; TF32 products
+    where PyTorch allows them for fp32 convolutions, as cuDNN). Built with ``from_conv`` or
+    ``from_masked``; the weight is packed once.
 
     Grouped and depthwise convolutions are not handled here: compact them physically (slice
     their channels) and run the dense convolution. No backward: fine-tune the masked
