@@ -49,7 +49,10 @@ class CompactConv2d(nn.Module):
     output channel is 0, or with ``residual`` (the output's shape) out = residual + conv, and
     with ``relu`` ReLU on every channel after the add (a ResNet block's add + ReLU; untouched
     channels are then relu(residual)). Give x in channels_last memory: other layouts are
-    copied first. Built with ``from_conv`` or ``from_masked``; the weight is packed once.
+    copied first (on the CPU). CPU tensors run the C++ kernels, CUDA tensors the Triton kernel
+    (move the layer with ``.cuda()``: the packed weight is the same on both; TF32 products
+    where PyTorch allows them for fp32 convolutions, as cuDNN). Built with ``from_conv`` or
+    ``from_masked``; the weight is packed once.
 
     Grouped and depthwise convolutions are not handled here: compact them physically (slice
     their channels) and run the dense convolution. No backward: fine-tune the masked
@@ -171,9 +174,12 @@ class CompactConv2d(nn.Module):
             raise RuntimeError("CompactConv2d is inference only (no backward): run it under torch.no_grad() / "
                                "torch.inference_mode(), or fine-tune the masked nn.Conv2d before converting")
         args = (self.bias, self.in_idx, self.out_idx, self.stride, self.padding, self.dilation, self.out_channels)
-        if x.device.type != "cpu":  # no GPU kernel yet: the reference runs (and says so once)
-            warnings.warn("CompactConv2d: no kernel for this device yet; running the PyTorch reference "
-                          "(gather + conv + scatter)", stacklevel=2)
+        # CPU: the C++ kernels; CUDA: the Triton kernel (both through the op). Elsewhere (or
+        # CUDA without Triton) the reference runs, and says so.
+        if x.device.type != "cpu" and not (x.device.type == "cuda" and ops_conv.CUDA_REGISTERED):
+            warnings.warn(f"CompactConv2d: no kernel for {x.device.type} tensors"
+                          f"{' (Triton is not installed)' if x.device.type == 'cuda' else ''}; running the "
+                          "PyTorch reference (gather + conv + scatter)", stacklevel=2)
             return reference.compact_conv2d(x, self.kept_weight().to(x.device), *args, residual, self.relu)
         return ops_conv.compact_conv2d(x, self.weight, *args, residual, self.relu)
 
