@@ -38,7 +38,7 @@ LAYERS: list[list[str]] = [
 # Ordered pairs allowed inside one layer: (importer, imported).
 SAME_LAYER_OK = {("pysparse._cuda_bsr", "pysparse._cuda_ops"), ("pysparse.ops", "pysparse._cuda_ops"),
                  ("pysparse.ops", "pysparse._cuda_bsr"), ("pysparse._depgraph", "pysparse._modules"),
-                 ("pysparse.ops_conv", "pysparse.ops"),
+                 ("pysparse.ops_conv", "pysparse.ops"), ("pysparse.ops_conv", "pysparse._cuda_ops"),
                  ("pysparse.ops", "pysparse.ops_int8conv")}
 
 
