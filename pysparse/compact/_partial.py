@@ -136,7 +136,7 @@ def _fuse(gm: fx.GraphModule, conv: fx.Node, modules: dict, order: dict) -> bool
         return False  # a broadcast add is not the residual the kernel adds
     # an in-place add writes into its first operand: fusing would leave ``other`` unchanged
     # for its later readers
-    if _mutates(add, modules) and add.args[0] is other and len(other.users) > 1:
+    if _mutates(add, modules) and add.args[0] is other and any(order[u] > order[add] for u in other.users):
         return False
     # the conv now runs where the add was: nothing in between may write into its input
     x = conv.args[0]
