@@ -97,6 +97,14 @@ def test_mixed_members_use_compact_conv2d(name):
     assert _stored(c) < _stored(union) < _stored(model), (_stored(c), _stored(union), _stored(model))
     after = _snapshot(model)
     assert after[1] == before[1] and all(torch.equal(after[0][k], v) for k, v in before[0].items())
+    # inference only, so frozen: runs with autograd on, and exports (the op through its fake kernel)
+    assert not any(p.requires_grad for p in c.parameters())
+    _assert_close(c(x), y_ref)
+    if name == "resnet_bottleneck":
+        ep = torch.export.export(c, (x,))
+        assert any("compact_conv2d" in str(n.target) for n in ep.graph.nodes)
+        with torch.no_grad():
+            _assert_close(ep.module()(x), y_ref)
     if name == "resnet_bottleneck":  # one model: dynamo's first compile costs ~10 s on 2 busy cores
         # fullgraph: no graph break at CompactConv2d; aot_eager traces its op through the fake
         # kernel (what inductor sees; inductor's C++ build itself runs once, in test_compact.py)

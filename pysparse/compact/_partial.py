@@ -187,4 +187,9 @@ def use_compact_conv2d(gm: fx.GraphModule, live: dict[fx.Node, tuple]) -> int:
         _fuse(gm, node, modules, {n: i for i, n in enumerate(gm.graph.nodes)})
     gm.graph.lint()
     gm.recompile()
+    if replaced:
+        gm.delete_all_unused_submodules()  # a ReLU module only a fused add used
+        # no backward through CompactConv2d: the model is for inference, and frozen it runs
+        # (and exports) without torch.no_grad()
+        gm.requires_grad_(False)
     return len(replaced)
