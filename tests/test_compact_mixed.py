@@ -9,7 +9,7 @@ import torch
 from torch import fx, nn
 
 from pysparse._depgraph import ChannelGraphError, channel_groups
-from pysparse.compact import compact
+from pysparse.compact import _partial, compact
 from pysparse.nn import CompactConv2d
 
 from . import zoo
@@ -192,3 +192,27 @@ def test_bad_example_inputs_name_the_layer_and_leave_the_model(inplace):
     nobn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     with pytest.raises(ChannelGraphError, match=r"example_inputs do not fit.*'0'.*3-D.*\[N, C, H, W\]"):
         compact(nobn, torch.randn(3, 16, 16), inplace=inplace)
+
+
+def _random_net(seed: int):
+    from .test_compact_random import RandomNet
+
+    return zoo.randomize_bn(RandomNet(seed), seed).eval(), torch.randn(2, 3, 8, 8)
+
+
+# the random wirings (tests/test_compact_random.py) that hold residual blocks
+@pytest.mark.parametrize("name", ["resnet_basic", "resnet_bottleneck", "resnext", "mobilenet_v2"] +
+                         [f"random{s}" for s in (0, 4, 7, 8, 9, 10, 12, 13)])
+def test_forced_on_every_member_stays_exact(name, monkeypatch):
+    # Whether it pays aside (tiny widths: any strict subset becomes a CompactConv2d), every
+    # wiring with residual members masked differently compacts exactly, with fused adds
+    monkeypatch.setattr(_partial, "_pays", lambda live, union: 0 < live < union)
+    if name.startswith("random"):
+        model, x = _random_net(int(name[6:]))
+    else:
+        model, x = zoo.make(name), torch.randn(zoo.IMAGE)
+    mask_members(model, x, seed=len(name))
+    c = compact(model, x)
+    with torch.no_grad():
+        _assert_close(c(x), model(x))
+    assert _fused(c)

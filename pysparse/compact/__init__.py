@@ -12,9 +12,11 @@ A channel is removable when its value is exactly 0 for every input: every produc
 weight row (read through ``.weight``, so torch.nn.utils.parametrize masks count) and bias are
 zero, and each BatchNorm on the way has weight and bias zero there (``pysparse.prune.filters``
 masks all of these). Where the members of one residual sum have different zero channels (masks
-a user made by hand), compaction keeps the union of their live channels: the result is still
-exact, only smaller by less (a partial-overlap kernel is the job of CompactConv2d). A group that
-feeds or comes from a grouped conv keeps the same number of channels in each conv group.
+a user made by hand), compaction keeps the union of their live channels for the sum, and each
+member Conv2d with fewer live channels of its own becomes a ``pysparse.nn.CompactConv2d`` that
+computes only those and writes zeros in the rest (``_partial``; the sum's add and a ReLU after it
+fused into its epilogue where the graph is exactly conv -> add -> relu). A group that feeds or
+comes from a grouped conv keeps the same number of channels in each conv group.
 """
 from __future__ import annotations
 
