@@ -71,7 +71,8 @@ def compact(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch
       rest), the sum's add and a ReLU after it fused in where the graph is exactly
       conv -> add -> relu. It pays when its live channels fill fewer 16-channel panels than
       the union has channels. CompactConv2d is inference only, so where one is placed the
-      result's parameters are frozen (requires_grad=False); keep False to fine-tune it.
+      result's parameters are frozen (requires_grad=False; with ``inplace``, the shared layers'
+      too); keep False to fine-tune it.
 
     Returns an eval-mode torch.fx.GraphModule whose outputs equal ``model``'s in eval mode (up to
     float rounding: BatchNorm folding reorders the arithmetic). Without ``inplace`` the input
