@@ -59,9 +59,10 @@ def _eligible(g: ChannelGraph, node: fx.Node, mod: nn.Module) -> bool:
 
 
 def live_outputs(g: ChannelGraph, z: Zeros, keep: dict[int, torch.Tensor]) -> dict[fx.Node, tuple]:
-    """Before any change: for each candidate conv node, (positions of its kept outputs that
-    are not exactly zero after the conv, the same after the BatchNorm that reads it alone,
-    the BatchNorm node or None). Which one applies is known after folding."""
+    """Before any change: for each candidate conv node, (positions among its kept outputs of
+    those not exactly zero after the conv, the same after the BatchNorm that alone reads it,
+    that BatchNorm node or None, how many outputs it keeps). Which of the two sets applies is
+    known after folding."""
     out = {}
     for node in g.gm.graph.nodes:
         if node.op != "call_module" or not _eligible(g, node, g.modules[node.target]):
