@@ -112,6 +112,12 @@ def _module_node(g: ChannelGraph, node: fx.Node) -> NodeInfo:
     if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
         if len(node.args) != 1 or node.kwargs:
             raise _unsupported(node, "called with more than one input")
+        xs = x.meta.get("pysparse_shape") if isinstance(x, fx.Node) else None
+        if not isinstance(mod, nn.Linear) and isinstance(xs, tuple) and len(xs) != 4:
+            # torch runs a conv on an unbatched [C, H, W] image, but then dim 1 is not the channels
+            raise ChannelGraphError(f"example_inputs do not fit the model: {_where(node)} reads a {len(xs)}-D tensor "
+                                    f"{xs}; channel pruning and compaction need batched inputs [N, C, H, W] "
+                                    f"(add the batch dim: x[None])")
         lin = isinstance(mod, nn.Linear)
         inp = _input_layout(g, node, x, -1 if lin else 1)
         if not first:

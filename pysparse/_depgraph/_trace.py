@@ -79,7 +79,14 @@ class _ShapeProp(fx.Interpreter):
 
     def run(self, *args):
         self._shapes = [tuple(a.shape) for a in args]
-        return super().run(*args)
+        try:
+            return super().run(*args)
+        except ChannelGraphError as e:
+            # fx's interpreter appends "While executing %node ... Original traceback: None" to
+            # the message; the node is named in it already
+            if e.args and isinstance(e.args[0], str):
+                e.args = (e.args[0].split("\n\nWhile executing")[0],) + e.args[1:]
+            raise
 
 
 def _shape_of(v):

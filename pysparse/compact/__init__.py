@@ -12,9 +12,11 @@ A channel is removable when its value is exactly 0 for every input: every produc
 weight row (read through ``.weight``, so torch.nn.utils.parametrize masks count) and bias are
 zero, and each BatchNorm on the way has weight and bias zero there (``pysparse.prune.filters``
 masks all of these). Where the members of one residual sum have different zero channels (masks
-a user made by hand), compaction keeps the union of their live channels: the result is still
-exact, only smaller by less (a partial-overlap kernel is the job of CompactConv2d). A group that
-feeds or comes from a grouped conv keeps the same number of channels in each conv group.
+a user made by hand), compaction keeps the union of their live channels for the sum, and each
+member Conv2d with fewer live channels of its own becomes a ``pysparse.nn.CompactConv2d`` that
+computes only those and writes zeros in the rest (``_partial``; the sum's add and a ReLU after it
+fused into its epilogue where the graph is exactly conv -> add -> relu). A group that feeds or
+comes from a grouped conv keeps the same number of channels in each conv group.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from .._depgraph import (ChannelGraph, ChannelGraphError, ChannelGroup, NotTrace
                          build_graph, channel_groups)
 from ._fold import fold_batchnorm, to_channels_last
 from ._keep import channel_zeros, keep_sets
+from ._partial import live_outputs, use_compact_conv2d
 from ._slice import apply, plan, rewrite
 
 __all__ = ["compact", "channel_groups", "ChannelGroup", "ChannelGraphError", "NotTraceableError"]
@@ -48,7 +51,7 @@ def _remove_parametrizations(model: nn.Module) -> None:
 
 
 def compact(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.Tensor]], *, fold_bn: bool = True,
-            channels_last: bool = True, inplace: bool = False) -> fx.GraphModule:
+            channels_last: bool = True, inplace: bool = False, compact_conv2d: bool = True) -> fx.GraphModule:
     """A copy of ``model`` with its exactly-zero channels physically removed.
 
     model: a pruned model (masks through torch.nn.utils.parametrize, or weights zeroed in
@@ -62,6 +65,14 @@ def compact(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch
     inplace: work on ``model`` itself instead of a deep copy (its layers are sliced and its
       parametrizations removed). Everything is checked before the first change, but the model's
       layers are shared with the result.
+    compact_conv2d: where the members of one residual sum (or product) keep the union of
+      their live channels, a member Conv2d (groups=1, float32) with fewer live channels of
+      its own becomes a pysparse.nn.CompactConv2d that computes only those (zeros in the
+      rest), the sum's add and a ReLU after it fused in where the graph is exactly
+      conv -> add -> relu. It pays when its live channels fill fewer 16-channel panels than
+      the union has channels. CompactConv2d is inference only, so where one is placed the
+      result's parameters are frozen (requires_grad=False; with ``inplace``, the shared layers'
+      too); keep False to fine-tune it.
 
     Returns an eval-mode torch.fx.GraphModule whose outputs equal ``model``'s in eval mode (up to
     float rounding: BatchNorm folding reorders the arithmetic). Without ``inplace`` the input
@@ -78,8 +89,10 @@ def compact(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch
     g = build_graph(work, inputs)  # traces and runs once: every error the user can cause is raised here
     ref_shape = _shape_of_output(g)
     with torch.no_grad():
-        keep = keep_sets(g, channel_zeros(g))
+        zeros = channel_zeros(g)
+        keep = keep_sets(g, zeros)
         planned = plan(g, keep)
+        live = live_outputs(g, zeros, keep) if compact_conv2d else {}
     # -- from here on the (copied) model changes
     _remove_parametrizations(work)
     apply(g, planned)
@@ -90,6 +103,9 @@ def compact(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch
         fold_batchnorm(gm)
     if channels_last:
         to_channels_last(gm)
+    if live:
+        with torch.no_grad():
+            use_compact_conv2d(gm, live)
     with torch.no_grad():
         got = _shape_of(gm(*inputs))
     if got != ref_shape:  # a bookkeeping bug must never hand back a wrong model silently
