@@ -49,28 +49,11 @@ class CnnRun:
 
 
 def count_macs(model: nn.Module, x: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward on ``x`` (convolutions and Linear layers)."""
-    total = [0]
+    """Multiply-accumulates of one forward on ``x`` (convolutions and Linear layers, pysparse's
+    compacted, int8 and block-sparse layers by what they compute): pysparse.compress's counter."""
+    from ..compress.measure import macs
 
-    def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        if isinstance(mod, nn.Conv2d) or type(mod).__name__ == "Int8Conv2d":
-            # Int8Conv2d carries in_channels, groups and kernel_size as nn.Conv2d does
-            ks = mod.kernel_size if isinstance(mod.kernel_size, tuple) else (mod.kernel_size,) * 2
-            k = mod.in_channels // getattr(mod, "groups", 1) * ks[0] * ks[1]
-            total[0] += out.numel() * k
-        elif isinstance(mod, nn.Linear):
-            total[0] += out.numel() * mod.in_features
-        elif hasattr(mod, "macs_per_output"):  # pysparse layers that say what they compute
-            total[0] += out.numel() * int(mod.macs_per_output)
-
-    hs = [m.register_forward_hook(hook) for m in model.modules()]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hs:
-            h.remove()
-    return total[0]
+    return macs(model, x)
 
 
 def _fold(model: nn.Module) -> nn.Module:
