@@ -139,3 +139,170 @@ def test_qat_int8_conv2d(digits_cnn):
     now = {n: m.x_scale for n, m in student.named_modules() if isinstance(m, Int8Conv2d)}
     assert list(now) == list(convs) and all(torch.equal(now[n], convs[n]) for n in now)  # static scales kept
     assert any(not torch.equal(student.get_submodule(n).weight_int8, w0[n]) for n in convs)  # it did train
+
+
+class StepPruner:
+    """A duck-typed prune schedule (recover needs only .step()): block-prunes the given
+    layers a little more at every step, up to ``final``, with pysparse.prune masks."""
+
+    def __init__(self, model, final, steps, skip=()):
+        self.model, self.final, self.steps, self.skip, self.t = model, final, steps, skip, 0
+
+    def step(self):
+        self.t += 1
+        s = self.final * min(self.t, self.steps) / self.steps
+        pysparse.prune.block_magnitude(self.model, s, block=(16, 16), skip=self.skip)
+        return s
+
+
+def test_prune_schedule_and_masks_cannot_regrow(digits_mlp):
+    mlp, (xtr, ytr, xte, yte) = digits_mlp
+    student = copy.deepcopy(mlp)
+    sched = StepPruner(student, 0.6, steps=4, skip=["0", "6"])
+    recover(student, mlp, loader(xtr, ytr), steps=8, lr=1e-3, prune_schedule=sched, progress=False)
+    assert sched.t == 8  # called after every optimizer step
+    for name in ("2", "4"):
+        lin = student.get_submodule(name)
+        mask = get_mask(lin)
+        assert mask is not None  # still a parametrization
+        assert torch.all(lin.weight[~mask] == 0)  # masked weights are exactly zero after 4 more steps
+        assert abs(_block_zero_fraction(lin.weight.detach(), 16, 16) - 0.6) < 0.01
+    assert get_mask(student[0]) is None and get_mask(student[6]) is None
+
+
+def test_feature_matching_projects_a_compacted_students_fewer_channels(digits_cnn):
+    model, (xtr, ytr, xte, yte) = digits_cnn
+    pruned = copy.deepcopy(model)
+    pysparse.prune.filters(pruned, 0.5, criterion="l1", example_inputs=(xtr[:2],))
+    student = pysparse.compact(pruned, (xtr[:2],), fold_bn=False)
+    assert student.get_submodule("7").out_channels * 2 == model[7].out_channels  # 32 vs 64 channels
+    before = copy.deepcopy(student)
+    recover(student, model, loader(xtr[:256], ytr[:256]), steps=3, lr=1e-3, features={"7": "7", "10": ("10", 0.5)},
+            progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(student.state_dict().values(), before.state_dict().values()))
+    assert not any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) for m in student.modules())  # projection not left in
+    with pytest.raises(ValueError, match="has no layer 'nope'"):
+        recover(student, model, loader(xtr[:64], ytr[:64]), steps=1, features=["nope"], progress=False)
+
+
+class HFOutput(dict):
+    """A Hugging Face style model output: a dict whose keys are also attributes."""
+
+    def __getattr__(self, k):
+        try:
+            return self[k]
+        except KeyError:
+            raise AttributeError(k) from None
+
+
+class DictModel(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, pixel_values, scale=None):
+        h = self.body[:-1](pixel_values)
+        return HFOutput(logits=self.body[-1](h), hidden_states=h)
+
+
+def test_dict_inputs_and_model_outputs(digits_mlp):
+    # (e) a model that takes a dict of tensors and returns a ModelOutput-like object
+    mlp, (xtr, ytr, xte, yte) = digits_mlp
+    teacher = DictModel(mlp)
+    student_mlp = copy.deepcopy(mlp)
+    pysparse.prune.block_magnitude(student_mlp, 0.8, block=(16, 16), skip=["0", "6"])
+    student = DictModel(student_mlp)
+    batches = [({"pixel_values": xtr[i:i + 64]}, ytr[i:i + 64]) for i in range(0, len(ytr), 64)]
+    before = accuracy(student_mlp, xte, yte)
+    recover(student, teacher, batches, epochs=2, lr=3e-3, output="logits", progress=False)
+    mid = accuracy(student_mlp, xte, yte)
+    assert mid > before + 5
+    # a function picking the tensor; inputs alone (no labels): the soft term only
+    recover(student, teacher, [b[0] for b in batches], steps=5, lr=1e-3, output=lambda o: o.logits, progress=False)
+    # the output names a key the models lack: a clear error, the student as it was
+    state = copy.deepcopy(student.state_dict())
+    with pytest.raises(KeyError, match="no key 'embedding'.*logits"):
+        recover(student, teacher, batches, steps=1, output="embedding", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), state.values()))
+    # output=None on a dict output takes "logits"
+    recover(student, teacher, batches[:2], steps=1, lr=1e-4, progress=False)
+
+
+def _same_state(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.values(), b.values())) and list(a) == list(b)
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def test_bad_input_names_the_problem_and_leaves_the_student(digits_mlp):
+    # (f)
+    mlp, (xtr, ytr, xte, yte) = digits_mlp
+    student = copy.deepcopy(mlp)
+    pysparse.prune.block_magnitude(student, 0.5, block=(16, 16), skip=["0", "6"])
+    state = copy.deepcopy(student.state_dict())
+    data = loader(xtr[:128], ytr[:128])
+    wide = nn.Sequential(*copy.deepcopy(mlp)[:-1], nn.Linear(256, 12))
+    cases = [
+        (dict(data=[], epochs=1), ValueError, "data is empty"),
+        (dict(data=loader(xtr[:0], ytr[:0], shuffle=False), epochs=1), ValueError, "data is empty"),
+        (dict(data=data), ValueError, "give epochs= .* or steps="),
+        (dict(data=data, epochs=1, lr=0.0), ValueError, "lr must be a finite number > 0"),
+        (dict(data=data, epochs=1, lr=-1e-3), ValueError, "lr must be"),
+        (dict(data=data, epochs=0), ValueError, "epochs must be"),
+        (dict(data=data, epochs=1, teacher=wide), ValueError, r"teacher's output has shape \[64, 12\].*\[64, 10\]"),
+        (dict(data=data, epochs=1, output="logits"), KeyError, "plain tensor"),
+        (dict(data=data, epochs=1, loss="l1"), ValueError, "loss must be one of"),
+        (dict(data=data, epochs=1, alpha=1.5), ValueError, "alpha must be in"),
+        (dict(data=data, epochs=1, temperature=0), ValueError, "temperature must be"),
+        (dict(data=data, epochs=1, optimizer=torch.optim.SGD(student.parameters(), lr=0.1)), TypeError,
+         "not an instance"),
+        (dict(data=data, epochs=1, prune_schedule=object()), TypeError, "prune_schedule must have a .step"),
+        (dict(data=[(xtr[:8], ytr[:8], ytr[:8])], epochs=1), TypeError, "batch 0 is a tuple of 3 items"),
+        (dict(data=[(xtr[:8], ytr[:7])], epochs=1), ValueError, "class labels of shape"),
+    ]
+    for kw, exc, msg in cases:
+        kw.setdefault("teacher", mlp)
+        with pytest.raises(exc, match=msg):
+            recover(student, progress=False, **kw)
+        assert _same_state(student.state_dict(), state), kw
+    # a failure during training (here the schedule raises at step 3): rolled back
+    class Fails:
+        n = 0
+
+        def step(self):
+            Fails.n += 1
+            if Fails.n == 3:
+                raise Boom("schedule failed")
+
+    with pytest.raises(Boom):
+        recover(student, mlp, data, epochs=2, lr=1e-2, prune_schedule=Fails(), progress=False)
+    assert _same_state(student.state_dict(), state)
+    assert get_mask(student[2]) is not None and not student.training
+
+
+def test_distillation_loss_and_recalibrate_batchnorm():
+    s, t = torch.randn(8, 10, requires_grad=True), torch.randn(8, 10)
+    T = 3.0
+    ref = torch.nn.functional.kl_div(torch.log_softmax(s / T, -1), torch.softmax(t / T, -1),
+                                     reduction="batchmean") * T * T
+    assert torch.allclose(distillation_loss(s, t, temperature=T, alpha=0.5), ref)  # no labels: soft alone
+    y = torch.randint(0, 10, (8,))
+    mixed = distillation_loss(s, t, y, temperature=T, alpha=0.25)
+    assert torch.allclose(mixed, 0.25 * ref + 0.75 * torch.nn.functional.cross_entropy(s, y))
+    assert torch.allclose(distillation_loss(s, t, loss="mse"), torch.nn.functional.mse_loss(s, t))
+    seq = distillation_loss(torch.randn(2, 5, 7), torch.randn(2, 5, 7))  # [batch, tokens, vocab] rows
+    assert seq.shape == ()
+    with pytest.raises(ValueError, match="shape"):
+        distillation_loss(s, torch.randn(8, 11))
+    # BatchNorm statistics: exact mean and unbiased variance of the BatchNorm's input
+    net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Dropout(0.5)).eval()
+    x = torch.randn(96, 4) * 3 + 1
+    recalibrate_batchnorm(net, [(x[i:i + 32],) for i in range(0, 96, 32)])
+    h = net[0](x).detach()
+    assert torch.allclose(net[1].running_mean, h.mean(0), atol=1e-5)
+    assert torch.allclose(net[1].running_var, h.var(0), atol=1e-4)
+    assert not net.training and not net[1].training
+    with pytest.raises(ValueError, match="no batches"):
+        recalibrate_batchnorm(net, [])
