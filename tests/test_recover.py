@@ -180,7 +180,8 @@ def test_feature_matching_projects_a_compacted_students_fewer_channels(digits_cn
     recover(student, model, loader(xtr[:256], ytr[:256]), steps=3, lr=1e-3, features={"7": "7", "10": ("10", 0.5)},
             progress=False)
     assert any(not torch.equal(a, b) for a, b in zip(student.state_dict().values(), before.state_dict().values()))
-    assert not any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) for m in student.modules())  # projection not left in
+    # the projections are recover's own: none is left in the student
+    assert not any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) for m in student.modules())
     with pytest.raises(ValueError, match="has no layer 'nope'"):
         recover(student, model, loader(xtr[:64], ytr[:64]), steps=1, features=["nope"], progress=False)
 
@@ -306,3 +307,40 @@ def test_distillation_loss_and_recalibrate_batchnorm():
     assert not net.training and not net[1].training
     with pytest.raises(ValueError, match="no batches"):
         recalibrate_batchnorm(net, [])
+
+
+def test_float_fast_layers_and_a_bare_int8_layer(digits_mlp):
+    # BsrLinear trains as it is (pattern fixed); DenseKeptLinear keeps its pruned blocks at zero;
+    # CompactConv2d trains through a PyTorch-ops stand-in; a bare Int8Linear is trained in place
+    from pysparse.nn import BsrLinear, CompactConv2d, DenseKeptLinear
+
+    mlp, (xtr, ytr, xte, yte) = digits_mlp
+    student = copy.deepcopy(mlp)
+    pysparse.sparsify(student, 0.5, dispatch="sparse", skip=["0", "4", "6"])
+    pysparse.sparsify(student, 0.5, dispatch="dense", skip=["0", "6"])
+    assert type(student[2]) is BsrLinear and type(student[4]) is DenseKeptLinear
+    v0, w0 = student[2].values.detach().clone(), student[4].dense_weight().clone()
+    recover(student, mlp, loader(xtr[:256], ytr[:256]), steps=3, lr=1e-3, progress=False)
+    assert type(student[2]) is BsrLinear and type(student[4]) is DenseKeptLinear
+    assert student[2].values.shape == v0.shape and not torch.equal(student[2].values, v0)
+    w1 = student[4].dense_weight()
+    assert not torch.equal(w0, w1) and torch.all(w1[w0 == 0] == 0)
+    assert not hasattr(student[4].dense, "parametrizations")  # recover's temporary mask is gone
+
+    torch.manual_seed(0)
+    conv_t = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                           nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    conv_s = copy.deepcopy(conv_t)
+    keep = torch.tensor([True, False] * 4)
+    conv_s[2] = CompactConv2d.from_masked(conv_s[2], keep, keep)
+    k0 = conv_s[2].kept_weight().clone()
+    recover(conv_s, conv_t, [(xtr[:32].view(-1, 1, 8, 8),)] * 2, steps=2, lr=1e-2, progress=False)
+    assert type(conv_s[2]) is CompactConv2d and not torch.equal(conv_s[2].kept_weight(), k0)
+
+    lin = nn.Linear(64, 10)
+    q = Int8Linear.from_float(copy.deepcopy(lin))
+    q0 = q.weight_int8()[0].clone()
+    with torch.no_grad():
+        lin.weight.mul_(1.5)
+    assert recover(q, lin, [(xtr[:64],)] * 3, steps=3, lr=1e-2, loss="mse", progress=False) is q
+    assert type(q) is Int8Linear and not torch.equal(q.weight_int8()[0], q0)

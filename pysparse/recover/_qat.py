@@ -147,8 +147,8 @@ class Int8Conv2dShadow(nn.Module):
             scale = _amax_scale(x.detach().abs().flatten(1).amax(dim=1)).view(-1, 1, 1, 1)
         else:
             scale = self.x_scale.reshape(())
-        y = F.conv2d(fake_quant(x, scale, -128, 127), fake_quant_weight(self.weight * self.mask), self.bias, self.stride,
-                     self.padding, self.dilation, self.groups)
+        y = F.conv2d(fake_quant(x, scale, -128, 127), fake_quant_weight(self.weight * self.mask), self.bias,
+                     self.stride, self.padding, self.dilation, self.groups)
         if self.activation == "relu":
             y = torch.relu(y)
         elif self.activation == "relu6":
