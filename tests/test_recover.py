@@ -344,3 +344,49 @@ def test_float_fast_layers_and_a_bare_int8_layer(digits_mlp):
         lin.weight.mul_(1.5)
     assert recover(q, lin, [(xtr[:64],)] * 3, steps=3, lr=1e-2, loss="mse", progress=False) is q
     assert type(q) is Int8Linear and not torch.equal(q.weight_int8()[0], q0)
+
+
+def _int8_layers():
+    from pysparse.nn import BlockSparseLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 96)
+    pruned = nn.Linear(128, 128)
+    with torch.no_grad():
+        pruned.weight[:64, 64:] = 0  # one of four 64 x 64 blocks pruned
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    return {
+        "int8 dynamic": (Int8Linear.from_float(lin), torch.randn(5, 128)),
+        "int8 static": (Int8Linear.from_float(lin, activations="static", x_scale=3.0 / 127), torch.randn(5, 128)),
+        "int8 group 64": (Int8Linear.from_float(lin, group_size=64), torch.randn(5, 128)),
+        "int8 smoothquant": (Int8Linear.from_float(lin, smooth=torch.rand(128) + 0.5), torch.randn(5, 128)),
+        "bsr-int8": (BlockSparseLinear.from_dense(pruned, dtype=torch.int8, dispatch="sparse", activation="relu"),
+                     torch.randn(5, 128)),
+        "dense-int8": (BlockSparseLinear.from_dense(pruned, dtype=torch.int8, dispatch="dense"), torch.randn(5, 128)),
+        "conv static": (Int8Conv2d.from_float(conv, x_scale=3.0 / 127, activation="relu"), torch.randn(2, 8, 6, 6)),
+        "conv dynamic": (Int8Conv2d.from_float(conv, x_scale=None), torch.randn(2, 8, 6, 6)),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_int8_layers()))
+def test_shadow_computes_what_the_int8_layer_does_and_requantizes_exactly(kind):
+    from pysparse.recover._qat import quantized_from_shadow, shadow_of
+
+    layer, x = _int8_layers()[kind]
+    sh = shadow_of(layer)
+    with torch.no_grad():
+        want, got = layer(x).float(), sh(x).float()
+    # the same integers times the same scales; the kernels round x * (127 / amax) where the
+    # shadow rounds x / (amax / 127): an input on a rounding tie may land one step apart
+    assert torch.allclose(got, want, rtol=1e-3, atol=2e-2 * want.abs().max().item()), kind
+    back = quantized_from_shadow(sh)
+    assert type(back) is type(layer) and getattr(back, "config", None) == getattr(layer, "config", None)
+    a, b = layer.state_dict(), back.state_dict()
+    assert list(a) == list(b)
+    for k in a:
+        if isinstance(a[k], torch.Tensor) and a[k].dtype.is_floating_point:
+            assert torch.allclose(a[k], b[k], rtol=1e-6), (kind, k)  # scales: 127 * s / 127, one ulp
+        elif isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), (kind, k)  # int8 weights, layouts: exact
+        else:
+            assert a[k] == b[k], (kind, k)
