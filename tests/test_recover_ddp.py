@@ -44,9 +44,12 @@ def _worker(rank, world, port, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
         teacher, student, ds = _task()
+        ddp = DDP(student)  # a student already in DDP is trained as its module and returned as given
         # the per-process batch: recover rebuilds this loader with a DistributedSampler
-        _run(student, teacher, DataLoader(ds, batch_size=BATCH // world, shuffle=False))
+        assert _run(ddp, teacher, DataLoader(ds, batch_size=BATCH // world, shuffle=False)) is ddp
         if rank == 0:
             torch.save(student.state_dict(), out)
     finally:
