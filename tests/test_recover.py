@@ -277,9 +277,11 @@ def test_bad_input_names_the_problem_and_leaves_the_student(digits_mlp):
             if Fails.n == 3:
                 raise Boom("schedule failed")
 
+    params = list(student.parameters())
     with pytest.raises(Boom):
         recover(student, mlp, data, epochs=2, lr=1e-2, prune_schedule=Fails(), progress=False)
     assert _same_state(student.state_dict(), state)
+    assert all(a is b for a, b in zip(student.parameters(), params))  # the same objects (an optimizer's)
     assert get_mask(student[2]) is not None and not student.training
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import warnings
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
@@ -70,11 +71,23 @@ def _device_of(m: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _restore(model: nn.Module, snapshot: nn.Module) -> None:
-    """Make ``model`` (the object) what ``snapshot`` (its deep copy taken before) was."""
+def _restore(model: nn.Module, snapshot: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Make ``model`` (the object) what ``snapshot`` (its deep copy taken before) was. The
+    parameter and buffer objects it had (``tensors``, by name) are put back with the snapshot's
+    values, so what holds them (the user's optimizer, a DDP wrapper) still holds the model's."""
     model.__class__ = snapshot.__class__
     model.__dict__.clear()
     model.__dict__.update(snapshot.__dict__)
+    with torch.no_grad():
+        for name, t in tensors.items():
+            owner, _, leaf = name.rpartition(".")
+            mod = model.get_submodule(owner) if owner else model
+            store = mod._parameters if leaf in mod._parameters else mod._buffers
+            cur = store.get(leaf)
+            if cur is None or cur.shape != t.shape or cur.dtype != t.dtype:
+                continue
+            t.copy_(cur)
+            store[leaf] = t
 
 
 def recover(student: nn.Module, teacher: nn.Module, data: Iterable[Any], *, epochs: Optional[int] = None,
@@ -187,7 +200,7 @@ def recover(student: nn.Module, teacher: nn.Module, data: Iterable[Any], *, epoc
     t_tap = Tap(teacher, t_names, detach=True) if pairs else None
     s_modes = {m: m.training for m in inner.modules()}
     t_modes = {m: m.training for m in teacher.modules()}
-    snapshot = None
+    snapshot, tensors = None, {}
     try:
         inputs, target = split_batch(first, 0)
         try:
@@ -215,6 +228,8 @@ def recover(student: nn.Module, teacher: nn.Module, data: Iterable[Any], *, epoc
         del s0, t0, s_feats, t_feats
 
         # ------------------------------------------------ train (in place; a copy to go back to)
+        tensors = {**dict(inner.named_parameters(remove_duplicate=False)),
+                   **{n: b for n, b in inner.named_buffers(remove_duplicate=False) if b is not None}}
         snapshot = copy.deepcopy(inner)
         if teacher is inner:  # self-distillation: the teacher must not move with the student
             teacher = snapshot
@@ -285,11 +300,16 @@ def recover(student: nn.Module, teacher: nn.Module, data: Iterable[Any], *, epoc
         trained = finish(trained, masked)
         if trained is not inner:  # the student was itself an int8 / compact layer
             inner.load_state_dict(trained.state_dict())
-        if bn_recalibrate:
-            recalibrate_batchnorm(inner, data, batches=BN_BATCHES, device=device)
+        if bn_recalibrate and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in inner.modules()):
+            if iter(data) is data:
+                warnings.warn("recover: data is a one-shot iterator, spent by training: BatchNorm not "
+                              "recalibrated (give a DataLoader or a list, or call recalibrate_batchnorm)",
+                              stacklevel=2)
+            else:
+                recalibrate_batchnorm(inner, data, batches=BN_BATCHES, device=device)
     except BaseException:
         if snapshot is not None:
-            _restore(inner, snapshot)
+            _restore(inner, snapshot, tensors)
         raise
     finally:
         for tap in (s_tap, t_tap):
