@@ -102,9 +102,6 @@ def make_projection(s: torch.Tensor, t: torch.Tensor, pair: tuple[str, str]) -> 
     return proj.to(device=s.device, dtype=torch.float32)
 
 
-def feature_loss(s: torch.Tensor, t: torch.Tensor, proj: Optional[nn.Module]) -> torch.Tensor:
-    """MSE between the (projected) student feature and the teacher's."""
-    s = s.float()
-    if proj is not None:
-        s = proj(s) if s.dim() == 4 else proj(s)
-    return F.mse_loss(s, t.float().to(s.device))
+def feature_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """MSE between the student's feature (already projected to the teacher's width) and the teacher's."""
+    return F.mse_loss(s.float(), t.float().to(s.device))

@@ -269,7 +269,7 @@ def recover(student: nn.Module, teacher: nn.Module, data: Iterable[Any], *, epoc
                                                    temperature=temperature, alpha=alpha, loss=loss)
                     for (s_name, t_name, w), f in zip(pairs, s_proj):
                         if w:
-                            total_loss = total_loss + w * feature_loss(f, t_feats[t_name], None)
+                            total_loss = total_loss + w * feature_loss(f, t_feats[t_name])
                     if not torch.isfinite(total_loss):
                         raise FloatingPointError(f"recover: the loss is {total_loss.item()} at step {step} "
                                                  f"(epoch {epoch}, batch {i}); lower lr? the student is left "
