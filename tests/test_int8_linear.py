@@ -330,3 +330,15 @@ def test_ops_reject_an_n_the_weight_was_not_packed_for(N, wrong):
         torch.ops.pysparse.int8_mm(torch.zeros(2, K, dtype=torch.int8), packed, colsum, wrong, K)
     with pytest.raises(ValueError, match="does not match the packed weight"):
         torch.ops.pysparse.int8_unpack(packed, colsum, wrong, K)
+
+
+def test_smoothquant_dequantized_weight_is_the_original():
+    """SmoothQuant stores W * s and keeps 1/s for the input: dequantized_weight undoes it (it
+    returned W * s^2 before; found by the recover helper's float-shadow check)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 64)
+    s = torch.rand(128) * 4 + 0.25
+    m = Int8Linear.from_float(lin, smooth=s)
+    q, scale = R.quantize_weight(lin.weight.detach() * s, 0)
+    want = q.float() * scale / s  # the int8 rounding of W * s, with s divided back out
+    torch.testing.assert_close(m.dequantized_weight(), want, rtol=1e-6, atol=1e-7)

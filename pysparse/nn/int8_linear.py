@@ -119,7 +119,8 @@ class Int8Linear(ConfigState, nn.Module):
         q, s = self.weight_int8()
         g = self.group_size or max(self.in_features, 1)
         w = q.float() * s.repeat_interleave(g, dim=1)[:, : self.in_features]
-        return w * (1.0 / self.smooth) if self.smooth is not None else w
+        # the buffer holds 1/s (forward multiplies x by it), and the stored weight is W * s
+        return w * self.smooth if self.smooth is not None else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
