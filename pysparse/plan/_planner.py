@@ -106,11 +106,11 @@ def plan(model: nn.Module, example_inputs: Any, *, eval_fn: Optional[Callable[[n
         if wanted is None:
             warnings.warn("pysparse.plan: no eval_fn, so no format's accuracy cost can be predicted: every layer "
                           "stays dense. Pass eval_fn (model -> metric), or formats=[...] to accept formats by "
-                          "speed alone.", stacklevel=2)
+                          "speed alone.", stacklevel=3)
             wanted = ["dense"]
         else:
             warnings.warn(f"pysparse.plan: no eval_fn: the formats you listed ({wanted}) are chosen by speed alone "
-                          f"and budget={budget:g} is ignored.", stacklevel=2)
+                          f"and budget={budget:g} is ignored.", stacklevel=3)
         notes.append("no eval_fn: " + ("every layer dense" if wanted == ["dense"]
                                        else f"formats {wanted} chosen by speed alone, budget ignored"))
 

@@ -7,22 +7,36 @@ mean is robust to the rest.
 """
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-# 9 rounds: the median of 9 turns moved < 3% between runs of the same layer on 2 shared
-# cores, where 5 moved up to 8%. A turn is ~20 ms of calls (at most 20 calls), long enough
+# 15 rounds: with 9 the prediction of a 3-layer MLP moved up to 15% between runs on 2 shared
+# cores at load 4-5 (thread CPU time), with 15 within ~8%. A turn is ~20 ms of calls (at most 20 calls), long enough
 # for perf_counter, short enough that one slow spell covers few turns.
-ROUNDS = 9
+ROUNDS = 15
 TURN_S = 0.02
 MAX_CALLS = 20
 # After DROP_AFTER rounds a contender slower than DROP_RATIO x the fastest cannot win: it sits
 # out the remaining rounds (the scalar int8 block kernel on AVX2 is 3-5x dense fp32).
 DROP_AFTER = 3
+# The figure of a contender: the median of its samples (with thread CPU time, preemption is not
+# in the samples; what is left is symmetric enough that lower quantiles did not help).
+QUANTILE = 0.5
 DROP_RATIO = 2.5
+
+
+def clock(cuda: bool = False) -> tuple[Callable[[], float], str]:
+    """(timer, its name). One torch thread on the CPU: the calling thread's CPU time
+    (time.thread_time), which a neighbour's load on a shared machine does not inflate (it still
+    costs caches and memory bandwidth, which count). Measured on the 2 shared cores at load 5:
+    wall-clock medians of one layer moved 3x between runs (2.0 to 6.1 ms), thread CPU time
+    within 10%. Several threads or a GPU: wall time (time.perf_counter); another thread's
+    work, or the GPU's, is not in this thread's CPU time."""
+    if not cuda and torch.get_num_threads() == 1:
+        return time.thread_time, "thread cpu time"
+    return time.perf_counter, "wall time"
 
 
 def _sync(device_types: set[str]) -> Callable[[], None]:
@@ -48,6 +62,7 @@ def interleaved_ms(fns: Mapping[str, Callable[[], Any]], *, rounds: int = ROUNDS
     if not fns:
         return {}
     sync = _sync({"cuda"} if cuda else set())
+    now = clock(cuda)[0]
     per_turn: dict[str, int] = {}
     for name, fn in fns.items():
         fn()
@@ -63,22 +78,31 @@ def interleaved_ms(fns: Mapping[str, Callable[[], Any]], *, rounds: int = ROUNDS
     for r in range(rounds):
         for name in live:
             fn, n = fns[name], per_turn[name]
-            if before is not None:
+            if before is not None and name not in keep:
                 before()
                 sync()
             if settle:
                 fn()
                 sync()
-            t0 = time.perf_counter()
+            t0 = now()
             for _ in range(n):
                 fn()
             sync()
-            samples[name].append((time.perf_counter() - t0) / n * 1e3)
+            samples[name].append((now() - t0) / n * 1e3)
         if drop_slow and r + 1 == DROP_AFTER and len(live) > 1:
-            best = min((statistics.median(samples[n]) for n in live if n not in keep), default=None)
+            best = min((summary(samples[n]) for n in live if n not in keep), default=None)
             if best is not None:
-                live = [n for n in live if n in keep or statistics.median(samples[n]) <= DROP_RATIO * best]
-    return {n: statistics.median(s) for n, s in samples.items()}
+                live = [n for n in live if n in keep or summary(samples[n]) <= DROP_RATIO * best]
+    return {n: summary(s) for n, s in samples.items()}
+
+
+def summary(xs: list[float]) -> float:
+    """The figure of a contender's samples: their QUANTILE (see there)."""
+    xs = sorted(xs)
+    i = QUANTILE * (len(xs) - 1)
+    lo = int(i)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (i - lo)
 
 
 class Scrub:
