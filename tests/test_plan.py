@@ -80,8 +80,8 @@ def _half_blocks_small(widths, scales, seed=0):
 def test_measured_speedup_within_10_percent_of_predicted(one_thread):
     # Large Linear layers at batch 32, where this AVX2 machine's kernels pay: fp32 blocks at
     # density 0.5 (measured ~1.5-2x dense) and int8 (1.3-1.7x); int8 blocks run the scalar kernel
-    # here (2-4x slower than dense) and must not be chosen (density 0.5 only: the test stays
-    # short; 0.25 costs 0.18-0.26 of cosine here, far over budget). The budget (mean cosine of the outputs
+    # here (2-4x slower than dense) and must not be chosen (density 0.5 only, to stay short: 0.25
+    # costs 0.18-0.26 of cosine here, far over budget). The budget (mean cosine of the outputs
     # against the model, 0.01) buys block sparsity in one or two layers and int8 in the others:
     # measured here, ['int8', 'bsr:0.5', 'int8'], predicted 1.47-1.57x, measured 1.47-1.74x.
     model = _half_blocks_small([1024, 2048, 2048, 1024], [0.05, 0.1, 0.2])
@@ -125,7 +125,7 @@ def test_apply_builds_a_copy_and_leaves_the_model_untouched(one_thread):
     assert y.shape == y0.shape and torch.isfinite(y).all()
     r = p.measure(new)
     assert set(r) == {"measured_speedup", "predicted_speedup", "metric_before", "metric_after", "dense_ms",
-                      "planned_ms"}
+                      "planned_ms", "clock"}
     assert r["metric_before"] == pytest.approx(1.0) and r["metric_after"] < 1.0
     _same(model, snap)
 
@@ -326,7 +326,8 @@ def test_table_and_json_round_trip(tmp_path):
 def test_cli(tmp_path, monkeypatch, capsys):
     (tmp_path / "plan_cli_model.py").write_text(
         "import torch\nfrom torch import nn\n"
-        "def make():\n    torch.manual_seed(0)\n    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))\n"
+        "def make():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))\n"
         "def score(m):\n    return 1.0\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "p.json"

@@ -18,7 +18,7 @@ from ._capture import call, capture
 from ._choose import choose
 from ._formats import build, candidates, check_densities, expand
 from ._result import LayerPlan, Plan, _features
-from ._timing import Scrub, interleaved_ms
+from ._timing import Scrub, clock, interleaved_ms
 
 # A format must beat dense by more than this fraction of the layer's time to be chosen: two
 # interleaved medians of the same kernel differ by up to ~2% on the shared 2-core machines, and
@@ -44,9 +44,9 @@ def _bytes(m: nn.Module) -> int:
     return n
 
 
-def _machine() -> dict:
-    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor()
-            or platform.machine()}
+def _machine(cuda: bool) -> dict:
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "clock": clock(cuda)[1],
+            "cpu": platform.processor() or platform.machine()}
     for op in ("int8_linear", "bsr_linear", "bsr_int8_linear", "int8_conv2d"):
         try:
             info[f"kernel {op}"] = ops.kernel_for("cpu", op)
@@ -85,7 +85,11 @@ def plan(model: nn.Module, example_inputs: Any, *, eval_fn: Optional[Callable[[n
     progress: a progress bar over the timings and trials.
 
     The predicted speedup is dense model time / (dense model time - time the chosen formats
-    save), so the model's work outside these layers stays counted. Returns a Plan.
+    save), so the model's work outside these layers stays counted. Each layer is timed on its
+    captured input with the rest of the model's weights read between calls (inside the model its
+    weights are not warm in the cache either), beside the whole dense model. With one torch
+    thread on the CPU every time is the thread's CPU time (a neighbour's load on a shared
+    machine stays out of the figures); else wall time. Returns a Plan.
 
     Raises ValueError (budget < 0, an unknown format naming the known ones, bad densities),
     TypeError (model / eval_fn / sensitivity of the wrong kind), RuntimeError (eval_fn raised:
@@ -175,4 +179,4 @@ def plan(model: nn.Module, example_inputs: Any, *, eval_fn: Optional[Callable[[n
         notes.append("a layer called several times per forward is timed on its first call's input; its saving "
                      "counts once per call")
     return Plan(rows, dense_ms, budget=budget if eval_fn is not None else None, baseline_metric=baseline,
-                notes=notes, machine=_machine(), model=model, example_inputs=example_inputs, eval_fn=eval_fn)
+                notes=notes, machine=_machine(cuda), model=model, example_inputs=example_inputs, eval_fn=eval_fn)

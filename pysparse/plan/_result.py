@@ -14,7 +14,7 @@ from .. import _modules
 from ._accuracy import metric
 from ._capture import call
 from ._formats import build, kind_of, parse
-from ._timing import interleaved_ms
+from ._timing import clock, interleaved_ms
 
 JSON_VERSION = 1
 # Whole-model timing: 15 rounds of ~50 ms turns (a model is slower than a layer; more rounds
@@ -69,8 +69,10 @@ class Plan:
     choices save), the per-layer times measured on this machine (the model's other work counted
     as it is; each layer's times scaled by the dense model's median time over the model time
     measured interleaved with that layer, so load that came and went between layers cancels).
-    dense_model_ms: the median of those per-layer-run model times. layers: a LayerPlan per layer. str(plan) is the table; to_json / from_json keep
-    it; apply(model) builds the planned model; measure() times it against the dense one.
+    dense_model_ms: the median of those per-layer-run model times. layers: a LayerPlan per
+    layer. str(plan) is the table; to_json / from_json keep it; apply(model) builds the planned
+    model; measure() times it against the dense one. machine: torch version, threads, the clock
+    (thread CPU time with one thread, else wall time) and the kernel paths the timings ran.
     """
 
     def __init__(self, layers: list[LayerPlan], dense_model_ms: float, *, budget: Optional[float],
@@ -209,7 +211,8 @@ class Plan:
         eval_fn default to those plan() was given (a plan loaded from JSON needs them here).
 
         Returns {"measured_speedup", "predicted_speedup", "metric_before", "metric_after"
-        (None without eval_fn), "dense_ms", "planned_ms"}.
+        (None without eval_fn), "dense_ms", "planned_ms", "clock"} (the clock plan() uses: thread
+        CPU time with one torch thread on the CPU, else wall time).
         """
         model = model if model is not None else self.model
         inputs = example_inputs if example_inputs is not None else self.example_inputs
@@ -226,5 +229,6 @@ class Plan:
             before = metric(eval_fn, model, "the dense model")
             after = metric(eval_fn, model_after, "the planned model")
         return {"measured_speedup": t["dense"] / t["planned"], "predicted_speedup": self.predicted_speedup,
-                "metric_before": before, "metric_after": after, "dense_ms": t["dense"], "planned_ms": t["planned"]}
+                "metric_before": before, "metric_after": after, "dense_ms": t["dense"], "planned_ms": t["planned"],
+                "clock": clock(cuda)[1]}
 
