@@ -159,6 +159,25 @@ def test_shared_layer_and_unreached_layer():
     assert new.a is new.b and isinstance(new.a, Int8Linear) and isinstance(new.unused, nn.Linear)
 
 
+def test_dict_inputs_and_3d_activations():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(64, 128)
+            self.out = nn.Linear(128, 8)
+
+        def forward(self, tokens, scale=1.0):
+            return self.out(torch.relu(self.proj(tokens))) * scale
+
+    model = Net().eval()
+    inputs = {"tokens": torch.randn(2, 5, 64), "scale": 2.0}
+    with pytest.warns(UserWarning, match="speed alone"):
+        p = plan(model, inputs, formats=["int8"], progress=False)
+    assert [r.input_shape for r in p.layers] == [[2, 5, 64], [2, 5, 128]]
+    r = p.measure()
+    assert r["metric_before"] is None and r["measured_speedup"] > 0
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_eval_fn_that_raises_names_the_trial_and_restores_the_model():
     model = _mlp([64, 64, 16])
@@ -200,6 +219,7 @@ def test_bad_budget(budget):
         plan(_mlp([64, 16]), torch.randn(4, 64), budget=budget, progress=False)
 
 
+@pytest.mark.filterwarnings("ignore:pysparse.plan")
 def test_bad_arguments():
     model = _mlp([64, 16])
     x = torch.randn(4, 64)
@@ -269,6 +289,26 @@ def test_sensitivity_table_answers_its_bsr_trials():
             assert row.loss[f] == pytest.approx(want)
     # layer "0" is never evaluated in a bsr format (the table answers); int8 trials still run
     assert not any(s == "BsrLinear" for s in seen)
+
+
+def test_real_sensitivity_table_is_reused():
+    prune = pytest.importorskip("pysparse.prune")
+    if not hasattr(prune, "sensitivity"):
+        pytest.skip("pysparse.prune.sensitivity not on this branch yet")
+    model = _mlp([128, 128, 16])
+    ev = _agreement(model, 128)
+    table = prune.sensitivity(model, ev, levels=(0.5,), granularity="block", progress=False)
+    seen = []
+
+    def eval_fn(m):
+        seen.append([type(x).__name__ for x in m])
+        return ev(m)
+    p = plan(model, torch.randn(8, 128), eval_fn=eval_fn, formats=["bsr:0.5"], sensitivity=table, budget=1.0,
+             progress=False)
+    for r in p.layers:
+        if r.loss.get("bsr:0.5") is not None:
+            assert r.loss["bsr:0.5"] == pytest.approx(table.baseline - table.metric(r.name, 0.5))
+    assert len(seen) == 1  # the baseline only: every bsr:0.5 trial came from the table
 
 
 def test_conv_layers_int8_only_where_it_pays_or_asked(one_thread):

@@ -123,7 +123,8 @@ class Plan:
         out_rows = [head] + [self._cells(r, fmts) for r in self.layers]
         w = [max(len(row[i]) for row in out_rows) for i in range(len(head))]
         lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(row)).rstrip() for row in out_rows]
-        lines.append("cells: ms per call (predicted metric loss of that format in that layer alone); * = chosen")
+        lines.append("cells: ms per call (predicted metric loss of that format in that layer alone; none shown: not "
+                     "evaluated, as no faster than dense); * = chosen")
         pl = self.predicted_loss
         lines.append(f"dense model {self.dense_model_ms:.3f} ms; planned (predicted) {self.predicted_ms:.3f} ms; "
                      f"predicted speedup {self.predicted_speedup:.3f}x"
