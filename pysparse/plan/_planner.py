@@ -118,6 +118,8 @@ def plan(model: nn.Module, example_inputs: Any, *, eval_fn: Optional[Callable[[n
         notes.append("no eval_fn: " + ("every layer dense" if wanted == ["dense"]
                                        else f"formats {wanted} chosen by speed alone, budget ignored"))
 
+    # the baseline first: an eval_fn that fails or returns no number fails before any timing
+    baseline = metric(eval_fn, model, "the model as given") if eval_fn is not None else None
     sites, more = capture(model, example_inputs)
     notes += more
     if not sites:
@@ -155,10 +157,8 @@ def plan(model: nn.Module, example_inputs: Any, *, eval_fn: Optional[Callable[[n
 
     faster = {n: {f: m for f, m in built[n].items()
                   if f == "dense" or ms[n][f] < (1 - MIN_GAIN) * ms[n]["dense"]} for n in built}
-    baseline = None
     losses: dict[str, dict[str, Optional[float]]] = {n: {} for n in built}
     if eval_fn is not None:
-        baseline = metric(eval_fn, model, "the model as given")
         bar = tqdm(total=sum(len(v) - 1 for v in faster.values()), desc="pysparse plan: accuracy", unit="trial",
                    disable=not progress)
         try:

@@ -52,8 +52,8 @@ class LayerPlan:
 
 def model_ms(models: dict[str, nn.Module], inputs: Any, *, cuda: bool = False) -> dict[str, float]:
     """Median ms per forward of each model, timed interleaved."""
-    return interleaved_ms({k: (lambda m=m: call(m, inputs)) for k, m in models.items()},
-                          rounds=MODEL_ROUNDS, turn_s=MODEL_TURN_S, cuda=cuda, drop_slow=False, settle=True)
+    fns = {k: (lambda m=m: call(m, inputs)) for k, m in models.items()}
+    return interleaved_ms(fns, rounds=MODEL_ROUNDS, turn_s=MODEL_TURN_S, cuda=cuda, drop_slow=False, settle=True)
 
 
 def _features(m: nn.Module) -> list[int]:
