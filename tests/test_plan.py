@@ -33,8 +33,8 @@ def quick_timing(request, monkeypatch):
     """The behaviour tests time with 3 rounds (their figures are not checked); the speedup
     claim keeps plan's own 15."""
     if request.node.name != "test_measured_speedup_within_10_percent_of_predicted":
-        import pysparse.plan._result as result
-        import pysparse.plan._timing as timing
+        from pysparse.plan import _result as result
+        from pysparse.plan import _timing as timing
 
         monkeypatch.setattr(timing, "ROUNDS", 3)
         monkeypatch.setattr(result, "MODEL_ROUNDS", 3)
@@ -192,7 +192,7 @@ def test_dict_inputs_and_3d_activations():
 
 # ----------------------------------------------------------------------------- bad input
 def test_eval_fn_that_raises_names_the_trial_and_restores_the_model(monkeypatch):
-    import pysparse.plan._planner as planner
+    from pysparse.plan import _planner as planner
 
     monkeypatch.setattr(planner, "MIN_GAIN", -math.inf)  # every format is tried, however fast it timed
     model = _mlp([64, 64, 16])
