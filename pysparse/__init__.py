@@ -1,7 +1,10 @@
 """pysparse: kernels that turn compressed neural networks into speed.
 
-Public API: ``quantize_int8``, ``sparsify`` and ``compact`` (model conversion), ``prune`` (block,
-2:4 and filter pruning with masks), ``pysparse.nn`` (the layers),
+Public API: ``quantize_int8``, ``sparsify`` and ``compact`` (model conversion), ``prune``
+(unstructured, block, 2:4 and filter pruning with masks; criteria; sensitivity analysis; gradual
+schedules), ``recover`` (distillation fine-tuning, QAT for int8 students), ``compress`` (a recipe
+of steps in one call, with a measured report), ``plan`` (per-layer formats from latency measured on
+this machine and the accuracy budget), ``pysparse.nn`` (the layers),
 ``cpu_info`` (what this CPU has and which kernel each op uses), ``set_cpu_isa`` / ``cpu_isa``
 and ``set_cpu_bf16`` / ``cpu_bf16`` (switch the CPU path at run time), and the ops in the
 ``torch.ops.pysparse`` namespace (see pysparse.ops), with pure-PyTorch references in
@@ -18,6 +21,9 @@ from . import prune
 from .compact import compact
 from .quantize import quantize_int8
 from .sparsify import plan_report, sparsify
+from .recover import distillation_loss, recalibrate_batchnorm, recover
+from .plan import Plan, plan
+from .compress import CompressReport, compress
 
 __version__ = "0.1.0"
 
