@@ -16,6 +16,14 @@ from pysparse.formats import block_mask
 from pysparse.cnn_digits import accuracy, digits_cnn, digits_tensors, fit
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared 2-core machine
+    yield
+    torch.set_num_threads(n)
+
+
 def small_cnn() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(),
