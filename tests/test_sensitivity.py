@@ -224,8 +224,8 @@ def test_block_and_filter_granularity_and_layer_limits():
     prune.filters(c, 0.0, per_layer={"7": 0.5}, example_inputs=(x[:2],))
     assert t.metric("7", 0.5) == ev(c)
     lin = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
-    tb = prune.sensitivity(lin, lambda mm: float(mm(torch.ones(1, 64)).detach().sum()), levels=(0.5,), granularity="block",
-                           block=(16, 16), max_layers=2, progress=False)
+    tb = prune.sensitivity(lin, lambda mm: float(mm(torch.ones(1, 64)).detach().sum()), levels=(0.5,),
+                           granularity="block", block=(16, 16), max_layers=2, progress=False)
     assert tb.layers == ["0", "2"]
     c = copy.deepcopy(lin)
     prune.blocks(c, 0.0, block=(16, 16), per_layer={"2": 0.5})

@@ -18,8 +18,9 @@ The gradients come from ``pysparse.prune._calib.gradient_stats`` (one pass over 
 batches, shared by unstructured, block and filter pruning). ``"magnitude"`` is ``l1`` for elements
 and filters, and the block RMS for blocks (``block_magnitude``'s ranking).
 
-``unit_scores`` turns element scores into one score per unit (``importance``: one per element); ``block_scores`` is the block
-case (RMS: the per-block mean of w^2 under a square root, so edge blocks compete fairly).
+``unit_scores`` turns element scores into one score per unit (``importance``: one per element);
+``block_scores`` is the block case (RMS: the per-block mean of w^2 under a square root, so edge
+blocks compete fairly).
 """
 from __future__ import annotations
 
