@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -150,11 +151,11 @@ class SensitivityTable:
         top = max(self.levels)
         if max_level is None:
             max_level = top
-        if isinstance(max_level, bool) or not isinstance(max_level, (int, float)) or \
+        if isinstance(max_level, bool) or not isinstance(max_level, numbers.Real) or \
                 not 0.0 < float(max_level) <= top + 1e-12:
             raise ValueError(f"max_level must be in (0, {top}] (the levels measured), got {max_level!r}")
         max_level = min(float(max_level), top)
-        if isinstance(target, bool) or not isinstance(target, (int, float)) or math.isnan(target) \
+        if isinstance(target, bool) or not isinstance(target, numbers.Real) or math.isnan(target) \
                 or not 0.0 <= float(target) <= max_level + 1e-12:
             raise ValueError(f"target must be in [0, max_level={max_level}], got {target!r}")
         target = min(float(target), max_level)

@@ -62,7 +62,8 @@ class _Snapshot:
     def __init__(self, model: nn.Module) -> None:
         tensors = dict(model.named_parameters(remove_duplicate=True))
         tensors.update(dict(model.named_buffers(remove_duplicate=True)))
-        self.saved = [(t, t.detach().clone(), t.requires_grad, t.grad) for t in tensors.values() if t is not None]
+        self.saved = [(t, t.detach().clone(), t.requires_grad, None if t.grad is None else t.grad.clone())
+                      for t in tensors.values() if t is not None]
         self.modes = [(m, m.training) for m in model.modules()]
 
     @torch.no_grad()
@@ -71,7 +72,7 @@ class _Snapshot:
             t.copy_(v)
             if isinstance(t, nn.Parameter):
                 t.requires_grad_(rg)
-                t.grad = g
+                t.grad = None if g is None else g.clone()
         for m, mode in self.modes:
             m.training = mode
 
