@@ -266,3 +266,13 @@ def test_table_prints_saves_and_plots(tmp_path):
     assert list(ax.lines[0].get_xdata()) == [0.0, 0.25, 0.5, 0.75]
     assert (tmp_path / "t.png").stat().st_size > 1000
     assert not parametrize.is_parametrized(nn.Linear(1, 1))
+
+
+def test_progress_bars(capsys):
+    lin = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    data = [(torch.randn(4, 8), torch.randint(0, 3, (4,)))]
+    prune.sensitivity(lin, lambda mm: 1.0, levels=(0.5,), criterion="obd", data=data)
+    err = capsys.readouterr().err
+    assert "pysparse sensitivity (unstructured)" in err and "pysparse sensitivity (obd)" in err
+    prune.unstructured(lin, 0.5, criterion="obd", data=data)
+    assert "pysparse unstructured (obd)" in capsys.readouterr().err

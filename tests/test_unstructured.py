@@ -225,3 +225,12 @@ def test_a_failing_loss_leaves_the_model_as_it_was():
                            loss_fn=bad_loss, progress=False)
     assert all(torch.equal(m.state_dict()[k], v) for k, v in before[0].items())
     assert not any(parametrize.is_parametrized(t) for t in m.modules())
+
+
+def test_layers_left_whole_are_not_parametrized():
+    m = small_cnn()
+    masks = prune.unstructured(m, 0.0, per_layer={"2": 0.5})
+    assert masks["0"].all() and not parametrize.is_parametrized(m[0]) and parametrize.is_parametrized(m[2])
+    lin = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    prune.blocks(lin, 0.0, block=(16, 16), per_layer={"1": 0.5})
+    assert not parametrize.is_parametrized(lin[0]) and parametrize.is_parametrized(lin[1])

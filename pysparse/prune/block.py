@@ -10,7 +10,7 @@ from .. import _modules
 from ..formats import DEFAULT_BLOCK, block_mask, expand_block_mask
 from ._calib import check_data, gradient_stats
 from .criteria import PRUNE_CRITERIA, block_scores, check_criterion
-from .masks import apply_mask
+from .masks import apply_mask, apply_masks
 from .selection import check_amount, check_per_layer, check_scope, keep_top, keep_top_global
 from .unstructured import prunable_layers
 
@@ -106,7 +106,7 @@ def blocks(model: nn.Module, sparsity: float, block: Optional[tuple[int, int]] =
     if criterion in ("taylor", "obd"):
         stats = gradient_stats(model, layers, data, loss_fn, criterion, desc="pysparse blocks", progress=progress)
     masks = block_masks(layers, sparsity, blk, scope, criterion=criterion, stats=stats, per_layer=per_layer)
-    return {n: apply_mask(layers[n], m) for n, m in masks.items()}
+    return apply_masks(layers, masks)
 
 
 def block_magnitude(module: nn.Module, sparsity: float, block: Optional[tuple[int, int]] = None,

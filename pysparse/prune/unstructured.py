@@ -9,7 +9,7 @@ from torch import nn
 from .. import _modules
 from ._calib import check_data, gradient_stats
 from .criteria import PRUNE_CRITERIA, check_criterion, importance
-from .masks import apply_mask, get_mask
+from .masks import apply_masks, get_mask
 from .selection import check_amount, check_per_layer, check_scope, keep_top, keep_top_global
 
 _TARGETS = (nn.Linear, nn.Conv2d)
@@ -83,7 +83,8 @@ def unstructured(model: nn.Module, sparsity: float, *, criterion: str = "magnitu
     progress: a progress bar over the calibration batches.
 
     Weights already masked count as pruned first: pruning again at a higher sparsity only adds
-    zeros (gradual pruning). Returns {layer name: bool mask of its weight, True = kept}.
+    zeros (gradual pruning). A layer left whole (amount 0) gets no parametrization. Returns
+    {layer name: bool mask of its weight, True = kept}.
     Everything is checked and scored before the first mask is applied: on any error (a bad
     argument, an unknown layer name, empty data, a failing loss) the model is as it was.
     """
@@ -104,4 +105,4 @@ def unstructured(model: nn.Module, sparsity: float, *, criterion: str = "magnitu
         stats = gradient_stats(model, layers, data, loss_fn, criterion, desc="pysparse unstructured",
                                progress=progress)
     masks = element_masks(layers, sparsity, criterion, scope=scope, per_layer=per_layer, stats=stats)
-    return {n: apply_mask(layers[n], m) for n, m in masks.items()}
+    return apply_masks(layers, masks)
