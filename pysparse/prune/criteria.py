@@ -8,12 +8,19 @@ serve blocks, filters and coupled channel groups alike.
 - ``l1``: |w|                       (magnitude; the sum over a unit is its L1 norm)
 - ``l2``: w^2                       (the sum is the squared L2 norm: the same ranking as L2)
 - ``taylor``: w * dL/dw             (first-order Taylor estimate of the loss change when the
-                                     unit is removed; the unit's score is |sum|, Molchanov et al.)
+                                     unit is removed; the unit's score is |sum|, Molchanov et al.;
+                                     dL/dw averaged over calibration batches; a single element's
+                                     score is |w * dL/dw|)
 - ``obd``: 0.5 * h_ii * w^2         (Optimal Brain Damage saliency, h_ii the diagonal of the
                                      empirical Fisher: the mean of squared per-batch gradients)
 
-``unit_scores`` turns element scores into one score per unit; ``block_scores`` is the block
-case (RMS: the per-block mean of w^2 under a square root, so edge blocks compete fairly).
+The gradients come from ``pysparse.prune._calib.gradient_stats`` (one pass over calibration
+batches, shared by unstructured, block and filter pruning). ``"magnitude"`` is ``l1`` for elements
+and filters, and the block RMS for blocks (``block_magnitude``'s ranking).
+
+``unit_scores`` turns element scores into one score per unit (``importance``: one per element);
+``block_scores`` is the block case (RMS: the per-block mean of w^2 under a square root, so edge
+blocks compete fairly).
 """
 from __future__ import annotations
 
@@ -24,6 +31,8 @@ import torch
 from ..formats import _blocks
 
 CRITERIA = ("l1", "l2", "taylor", "obd")
+# What unstructured and block pruning accept ("magnitude" names the default of each).
+PRUNE_CRITERIA = ("magnitude",) + CRITERIA
 # Criteria whose unit score is |sum of signed element scores| rather than the plain sum.
 _SIGNED = {"taylor"}
 
@@ -32,7 +41,7 @@ def element_scores(criterion: str, w: torch.Tensor, grad: Optional[torch.Tensor]
                    fisher: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-element importance of ``w`` (float32, same shape) under ``criterion``.
 
-    grad: dL/dw summed over calibration batches (``taylor``); fisher: the mean of squared
+    grad: dL/dw averaged over calibration batches (``taylor``; a sum ranks the same); fisher: the mean of squared
     per-batch gradients (``obd``). Raises ValueError for an unknown criterion or a missing input.
     """
     w = w.detach().float()
@@ -49,6 +58,20 @@ def element_scores(criterion: str, w: torch.Tensor, grad: Optional[torch.Tensor]
             raise ValueError("criterion='obd' needs the empirical Fisher: give data (and loss_fn)")
         return 0.5 * fisher.detach().float() * w * w
     raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+
+
+def importance(criterion: str, w: torch.Tensor, grad: Optional[torch.Tensor] = None,
+               fisher: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One importance per element (the element is the unit): the element score, |.| for taylor."""
+    e = element_scores(criterion, w, grad, fisher)
+    return e.abs() if criterion in _SIGNED else e
+
+
+def check_criterion(criterion: str, choices: tuple[str, ...]) -> str:
+    """``criterion`` with "magnitude" resolved to "l1"; ValueError naming the choices otherwise."""
+    if not isinstance(criterion, str) or criterion not in choices:
+        raise ValueError(f"criterion must be one of {choices}, got {criterion!r}")
+    return "l1" if criterion == "magnitude" else criterion
 
 
 def unit_scores(criterion: str, scores: torch.Tensor, dim: int = 0) -> torch.Tensor:

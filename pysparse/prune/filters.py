@@ -14,66 +14,15 @@ import math
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
 from .. import _depgraph, _modules
+from ._calib import check_data, gradient_stats
 from .criteria import CHANNEL_CRITERIA, bn_scale, element_scores, unit_scores
 from .masks import apply_mask
 from .selection import check_amount
 
 _PRODUCERS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
-
-
-def _leaf_weight(m: nn.Module) -> torch.Tensor:
-    """The tensor an optimizer updates for ``m.weight`` (the original under a mask)."""
-    if parametrize.is_parametrized(m, "weight"):
-        return m.parametrizations.weight.original
-    return m.weight
-
-
-def _gradient_stats(model: nn.Module, layers: dict[str, nn.Module], data: Iterable, loss_fn: Optional[Callable],
-                    criterion: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per layer: dL/dw summed over the batches of ``data`` and the empirical Fisher (the mean of
-    squared per-batch gradients). The model runs in eval mode (BatchNorm statistics do not
-    move; its train/eval flags are restored) and no ``.grad`` is written."""
-    from tqdm.auto import tqdm
-
-    loss_fn = loss_fn or F.cross_entropy
-    names = list(layers)
-    leaves = [_leaf_weight(layers[n]) for n in names]
-    gsum = [torch.zeros_like(p, dtype=torch.float32) for p in leaves]
-    gsq = [torch.zeros_like(p, dtype=torch.float32) for p in leaves]
-    modes = {m: m.training for m in model.modules()}
-    frozen = [p for p in leaves if not p.requires_grad]  # scored too; their flag is restored
-    batches = 0
-    try:
-        for p in frozen:
-            p.requires_grad_(True)
-        model.eval()
-        for i, batch in enumerate(tqdm(data, desc=f"pysparse filters ({criterion})", leave=False)):
-            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-                raise TypeError(f"data batch {i} must be an (inputs, target) pair, got {type(batch).__name__}")
-            x, y = batch
-            out = model(*x) if isinstance(x, (tuple, list)) else model(x)
-            loss = loss_fn(out, y)
-            if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
-                raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-            for j, gr in enumerate(grads):
-                if gr is not None:
-                    gsum[j] += gr.float()
-                    gsq[j] += gr.float() ** 2
-            batches += 1
-    finally:
-        for p in frozen:
-            p.requires_grad_(False)
-        for m, t in modes.items():
-            m.training = t
-    if batches == 0:
-        raise ValueError(f"criterion={criterion!r}: data gave no batches")
-    return dict(zip(names, gsum)), {n: s / batches for n, s in zip(names, gsq)}
 
 
 def _check(model, amount, criterion, data, per_layer, round_to, skip):
@@ -82,9 +31,7 @@ def _check(model, amount, criterion, data, per_layer, round_to, skip):
     amount = check_amount(amount, "amount")
     if criterion not in CHANNEL_CRITERIA:
         raise ValueError(f"criterion must be one of {CHANNEL_CRITERIA}, got {criterion!r}")
-    if criterion in ("taylor", "obd") and data is None:
-        raise ValueError(f"criterion={criterion!r} needs gradients: give data (batches of (inputs, target)) "
-                         f"and, unless the loss is cross-entropy, loss_fn")
+    check_data(criterion, data)
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f"round_to must be a positive int or None, got {round_to!r}")
     skip = _modules.normalize_skip(skip)
@@ -151,6 +98,33 @@ def filters(model: nn.Module, amount: float, *, criterion: str = "l1",
     amount, skip, per_layer = _check(model, amount, criterion, data, per_layer, round_to, skip)
     groups = _depgraph.channel_groups(model, example_inputs)
     mods = dict(model.named_modules())
+    check_per_layer_groups(groups, mods, per_layer)
+    stats = None
+    if criterion in ("taylor", "obd"):
+        stats = gradient_stats(model, scored_layers(groups, mods, criterion, skip), data, loss_fn, criterion,
+                               desc="pysparse filters")
+    keep_masks, result = _choose(groups, mods, amount, criterion, per_layer, round_to, skip, stats)
+    # apply: producer rows + biases, BatchNorm weights + biases
+    for (name, pname), k in channel_masks(mods, keep_masks).items():
+        apply_mask(mods[name], k, pname)
+    return result
+
+
+def _todo(groups, mods, criterion, skip) -> list:
+    todo = [g for g in groups if g.prunable and not any(_modules.is_skipped(p, skip) for p in g.producers)]
+    if criterion == "bn_scale":
+        todo = [g for g in todo if g.bns]
+    return todo
+
+
+def scored_layers(groups, mods, criterion, skip) -> dict[str, nn.Module]:
+    """The producers whose weights score the channels of the groups ``filters`` prunes."""
+    return {sl.module: mods[sl.module] for g in _todo(groups, mods, criterion, skip)
+            for sl in g.slices if sl.role == "out"}
+
+
+def check_per_layer_groups(groups, mods, per_layer) -> None:
+    """ValueError naming ``per_layer`` for a name that is no prunable producer of the channel graph."""
     owner = {p: g for g in groups for p in g.producers}
     for n in per_layer:
         if n not in owner or not isinstance(mods[n], _PRODUCERS):
@@ -158,14 +132,17 @@ def filters(model: nn.Module, amount: float, *, criterion: str = "l1",
                              f"channel graph")
         if not owner[n].prunable:
             raise ValueError(f"per_layer: the channels of {n!r} cannot be pruned ({owner[n].reason})")
-    todo = [g for g in groups if g.prunable and not any(_modules.is_skipped(p, skip) for p in g.producers)]
-    if criterion == "bn_scale":
-        todo = [g for g in todo if g.bns]
+
+
+def _choose(groups, mods, amount, criterion, per_layer, round_to, skip, stats, only=None):
+    """Which channels to keep (nothing changes): ({(module, role): bool over its channels},
+    {producer: bool over its output channels}). ``stats``: (grad, fisher) from gradient_stats for
+    the gradient criteria. ``only``: score and prune only the groups holding these producers."""
+    todo = _todo(groups, mods, criterion, skip)
+    if only is not None:
+        todo = [g for g in todo if any(p in only for p in g.producers)]
     layers = {sl.module: mods[sl.module] for g in todo for sl in g.slices if sl.role == "out"}
-    grad = fisher = None
-    if criterion in ("taylor", "obd"):
-        with torch.enable_grad():
-            grad, fisher = _gradient_stats(model, layers, data, loss_fn, criterion)
+    grad, fisher = stats if stats is not None else (None, None)
 
     # score and choose (nothing changes yet)
     row_scores: dict[str, torch.Tensor] = {}
@@ -200,7 +177,16 @@ def filters(model: nn.Module, amount: float, *, criterion: str = "l1",
                  m.out_channels if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) else m.out_features)
             cur = keep_masks.setdefault((sl.module, sl.role), torch.ones(n, dtype=torch.bool))
             cur[sl.start:sl.start + sl.length] &= keep[sl.group_start:sl.group_start + sl.length]
-    # apply: producer rows + biases, BatchNorm weights + biases
+    for (name, role), k in keep_masks.items():
+        if role == "out" and not k.all():
+            result[name] = k
+    return keep_masks, result
+
+
+def channel_masks(mods: dict[str, nn.Module], keep_masks: dict) -> dict[tuple[str, str], torch.Tensor]:
+    """{(module, parameter): mask broadcastable to the parameter} for the channel keep masks:
+    producer rows and biases, BatchNorm weights and biases."""
+    out = {}
     for (name, role), k in keep_masks.items():
         m = mods[name]
         if k.all():
@@ -212,7 +198,5 @@ def filters(model: nn.Module, amount: float, *, criterion: str = "l1",
             shape = [1] * p.dim()
             dim = 1 if (isinstance(m, nn.ConvTranspose2d) and pname == "weight") else 0
             shape[dim] = -1
-            apply_mask(m, k.to(p.device).view(shape), pname)
-        if role == "out":
-            result[name] = k
-    return result
+            out[(name, pname)] = k.to(p.device).view(shape)
+    return out

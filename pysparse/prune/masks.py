@@ -80,3 +80,16 @@ def remove(module: nn.Module) -> None:
             plist = m.parametrizations[pname]
             if all(isinstance(x, Mask) for x in plist):
                 parametrize.remove_parametrizations(m, pname, leave_parametrized=True)
+
+
+def apply_masks(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor], name: str = "weight"
+                ) -> dict[str, torch.Tensor]:
+    """``apply_mask`` for each layer; a layer that holds no mask and would keep every weight is
+    left unparametrized (pruning at 0 changes nothing). Returns {layer: mask in force}."""
+    out = {}
+    for n, m in masks.items():
+        if get_mask(layers[n], name) is None and bool(m.all()):
+            out[n] = m.bool()
+        else:
+            out[n] = apply_mask(layers[n], m, name)
+    return out

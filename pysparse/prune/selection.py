@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Iterable, Optional
 
 import torch
 
@@ -38,4 +39,27 @@ def keep_top_global(scores: dict[str, torch.Tensor], amount: float) -> dict[str,
         c = scores[n].numel()
         out[n] = keep[i:i + c].reshape(scores[n].shape).to(scores[n].device)
         i += c
+    return out
+
+
+def check_scope(scope: str) -> str:
+    """``scope`` as given when it is "layer" or "global"; ValueError naming it otherwise."""
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    return scope
+
+
+def check_per_layer(per_layer: Optional[dict], layers: Iterable[str], what: str) -> dict[str, float]:
+    """``per_layer`` ({layer name: amount}) checked against the names a call prunes: a dict of
+    exact names of ``layers`` with amounts in [0, 1). ``what`` says which layers those are (for the
+    message). Returns {} for None."""
+    if per_layer is None:
+        return {}
+    if not isinstance(per_layer, dict):
+        raise TypeError(f"per_layer must be a dict {{layer name: fraction}}, got {type(per_layer).__name__}")
+    out = {n: check_amount(f, f"per_layer[{n!r}]") for n, f in per_layer.items()}
+    names = set(layers)
+    bad = [n for n in out if n not in names]
+    if bad:
+        raise ValueError(f"per_layer: {bad} are not {what} this call prunes (skipped, or not such a layer)")
     return out
