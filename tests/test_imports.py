@@ -25,10 +25,11 @@ LAYERS: list[list[str]] = [
     ["pysparse.formats"],
     ["pysparse.ops", "pysparse._cuda_ops", "pysparse._cuda_bsr", "pysparse.ops_conv", "pysparse.ops_int8conv"],
     ["pysparse.nn"],
-    ["pysparse._modules", "pysparse._depgraph"],
+    ["pysparse._modules", "pysparse._depgraph", "pysparse._timing"],
     ["pysparse.prune"],
     ["pysparse.compact", "pysparse.quantize", "pysparse.sparsify"],
-    ["pysparse.recover", "pysparse.compress", "pysparse.plan", "pysparse.serve"],
+    ["pysparse.recover"],  # distillation: compress chains it as a step
+    ["pysparse.compress", "pysparse.plan", "pysparse.serve"],
     ["pysparse"],  # the package's __init__ (the public API; this entry is the root module alone)
     ["pysparse.cnn_digits"],  # the digits CNN task (data, model, the prune-compact-finetune recipe)
     ["pysparse.bench"],

@@ -34,7 +34,7 @@ def quick_timing(request, monkeypatch):
     claim keeps plan's own 15."""
     if request.node.name != "test_measured_speedup_within_10_percent_of_predicted":
         from pysparse.plan import _result as result
-        from pysparse.plan import _timing as timing
+        from pysparse import _timing as timing
 
         monkeypatch.setattr(timing, "ROUNDS", 3)
         monkeypatch.setattr(result, "MODEL_ROUNDS", 3)

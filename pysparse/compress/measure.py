@@ -1,13 +1,12 @@
 """What a compression report measures: stored size, multiply-accumulates, latency and the layer kinds."""
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
+from .._timing import clock, interleaved_ms
 from ..nn import BlockSparseLinear, CompactConv2d, Int8Conv2d, Int8Linear
 
 
@@ -108,21 +107,19 @@ def macs(model: nn.Module, example_inputs: Any) -> int:
 
 
 @torch.inference_mode()
-def latencies_ms(models: Sequence[nn.Module], example_inputs: Any, reps: int = 15,
-                 warmup: int = 3) -> list[float]:
-    """Median milliseconds of one call of each model, interleaved round by round so a noisy
-    neighbour slows every contender alike (shared/PERFORMANCE.md)."""
+def latencies_ms(models: Sequence[nn.Module], example_inputs: Any, rounds: int = 15) -> list[float]:
+    """Median milliseconds of one call of each model, interleaved turn by turn so a noisy
+    neighbour slows every contender alike (pysparse._timing; with one torch thread the clock is
+    the thread's CPU time, which another process's load does not inflate: see clock())."""
     args = as_args(example_inputs)
-    for m in models:
-        for _ in range(warmup):
-            call(m, args)
-    samples: list[list[float]] = [[] for _ in models]
-    for _ in range(reps):
-        for i, m in enumerate(models):
-            t0 = time.perf_counter()
-            call(m, args)
-            samples[i].append((time.perf_counter() - t0) * 1e3)
-    return [statistics.median(s) for s in samples]
+    fns = {str(i): (lambda m=m: call(m, args)) for i, m in enumerate(models)}
+    got = interleaved_ms(fns, rounds=rounds, drop_slow=False)
+    return [got[str(i)] for i in range(len(models))]
+
+
+def clock_name() -> str:
+    """Which clock latencies_ms uses now ("thread cpu time" with one torch thread, else "wall time")."""
+    return clock()[1]
 
 
 def layer_kinds(model: nn.Module) -> list[dict]:

@@ -74,11 +74,11 @@ class CompressReport:
 
     def table(self) -> str:
         """The per-step table, then the headline figures."""
-        head = f"{'step':<40} {'metric':>8} {'size KB':>9} {'nonzero':>10} {'MMACs':>9} {'ms':>8} {'step s':>7}"
+        head = f"{'step':<46} {'metric':>8} {'size KB':>9} {'nonzero':>10} {'MMACs':>9} {'ms':>8} {'step s':>7}"
         lines = [head, "-" * len(head)]
         for r in self.records:
             metric = f"{r.metric:8.3f}" if r.metric is not None else f"{'-':>8}"
-            lines.append(f"{r.step[:40]:<40} {metric} {r.size_bytes / 1024:9.1f} {r.nonzero_weights:10d} "
+            lines.append(f"{r.step[:46]:<46} {metric} {r.size_bytes / 1024:9.1f} {r.nonzero_weights:10d} "
                          f"{r.macs / 1e6:9.2f} {r.latency_ms:8.3f} {r.seconds:7.1f}")
         lines.append("")
         lines.append(f"speedup {self.speedup:.2f}x ({self.original_ms:.3f} -> {self.final_ms:.3f} ms, interleaved), "

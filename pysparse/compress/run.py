@@ -111,7 +111,7 @@ def _apply(model: nn.Module, step: Step, teacher: nn.Module, data: Any, loss_fn:
 def _record(name: str, model: nn.Module, args: tuple, eval_fn: Optional[Callable], reps: int,
             seconds: float = 0.0, per_layer: Optional[dict] = None) -> StepRecord:
     metric = measure.evaluate(eval_fn, model, f"after '{name}'") if eval_fn is not None else None
-    ms = measure.latencies_ms([model], args, reps=max(3, reps // 3))[0]
+    ms = measure.latencies_ms([model], args, rounds=max(3, reps // 3))[0]
     return StepRecord(step=name, metric=metric, size_bytes=measure.size_bytes(model),
                       nonzero_weights=measure.nonzero_weights(model), macs=measure.macs(model, args), latency_ms=ms,
                       seconds=seconds, per_layer=per_layer)
@@ -120,7 +120,7 @@ def _record(name: str, model: nn.Module, args: tuple, eval_fn: Optional[Callable
 def compress(model: nn.Module, recipe: RecipeArg, *, data: Optional[Iterable] = None,
              eval_fn: Optional[Callable[[nn.Module], float]] = None, example_inputs: Any,
              loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None, progress: bool = True,
-             latency_reps: int = 30) -> tuple[nn.Module, CompressReport]:
+             latency_reps: int = 15) -> tuple[nn.Module, CompressReport]:
     """Apply ``recipe`` to a copy of ``model``; returns (compressed model, report).
 
     recipe: steps (``pysparse.compress.Prune`` / ``Compact`` / ``Recover`` / ``Quantize`` /
@@ -134,6 +134,9 @@ def compress(model: nn.Module, recipe: RecipeArg, *, data: Optional[Iterable] = 
     example_inputs: a tensor or tuple of tensors (or a dict of keyword tensors) for one call: the
       trace of ``compact``, the MAC count and the latency the report gives.
     loss_fn: (output, target) -> loss for the gradient criteria (default cross-entropy).
+    latency_reps: interleaved rounds of the final original-vs-compressed timing (each step's own
+      figure takes a third of them). With one torch thread the clock is thread CPU time (steady
+      on a shared machine), else wall time; the report's ``machine`` names it.
 
     The model given is never changed, also when a step fails (the error names the step).
     """
@@ -170,8 +173,9 @@ def compress(model: nn.Module, recipe: RecipeArg, *, data: Optional[Iterable] = 
         records.append(_record(describe(step), work, args, eval_fn, latency_reps, time.perf_counter() - t0,
                                per_layer))
     work.eval()
-    original_ms, final_ms = measure.latencies_ms([teacher, work], args, reps=latency_reps)
+    original_ms, final_ms = measure.latencies_ms([teacher, work], args, rounds=latency_reps)
     report = CompressReport(recipe=to_dicts(steps), records=records, layers=measure.layer_kinds(work),
                             original_ms=original_ms, final_ms=final_ms,
-                            machine={"cpu_isa": ops._C.selected_isa(), "threads": torch.get_num_threads()})
+                            machine={"cpu_isa": ops._C.selected_isa(), "threads": torch.get_num_threads(),
+                                     "clock": measure.clock_name()})
     return work, report

@@ -18,7 +18,7 @@ from ._capture import call, capture
 from ._choose import choose
 from ._formats import build, candidates, check_densities, expand
 from ._result import LayerPlan, Plan, _features
-from ._timing import Scrub, clock, interleaved_ms
+from .._timing import Scrub, clock, interleaved_ms
 
 # A format must beat dense by more than this fraction of the layer's time to be chosen: two
 # interleaved medians of the same kernel differ by up to ~2% on the shared 2-core machines, and

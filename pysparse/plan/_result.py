@@ -14,7 +14,7 @@ from .. import _modules
 from ._accuracy import metric
 from ._capture import call
 from ._formats import build, kind_of, parse
-from ._timing import clock, interleaved_ms
+from .._timing import clock, interleaved_ms
 
 JSON_VERSION = 1
 # Whole-model timing: 15 rounds of ~50 ms turns (a model is slower than a layer; more rounds

@@ -1,6 +1,6 @@
-"""The small timer plan needs: warm-up, round-robin interleaving, medians.
+"""The small timer plan and compress need: warm-up, round-robin interleaving, medians.
 
-(pysparse.bench has the full harness, but plan sits below bench in the import layers.) The
+(pysparse.bench has the full harness, but plan and compress sit below bench in the import layers.) The
 machines are shared and noisy: each contender gets a short turn, then the next, for several
 rounds, so a slow spell lands on all of them; the median over rounds of each turn's per-call
 mean is robust to the rest.
