@@ -77,6 +77,7 @@ def jobs(quick: bool) -> list[dict]:
             ptrs = {"a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": _PTR[dt], "xs_ptr": "*fp32", "ws_ptr": "*fp32",
                     "bias_ptr": "*fp32"}
             consts = {"EPILOGUE": epi, "HAS_BIAS": hb}
+            ones = {"stride_ak", "stride_bk", "stride_cn", "stride_xs", "stride_ws", "stride_bias"}
             fam = (kernel, epi)
         else:
             int8, epi, hb, relu, x, v, dt, bk, bn = const
@@ -90,12 +91,15 @@ def jobs(quick: bool) -> list[dict]:
                     "out_ptr": _PTR[dt], "xs_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*fp32"}
             consts = {"INT8": int8, "EPILOGUE": epi, "HAS_BIAS": hb, "RELU": relu, "UPCAST_BF16": False,
                       "BN": bn, "BK": bk}
+            # int8 blocks are K-major (stride_vk = 1), float blocks n-contiguous (stride_vn = 1)
+            ones = {"stride_xk", "stride_on", "stride_xs", "stride_ws", "stride_bias",
+                    "stride_vk" if int8 else "stride_vn"}
             fam = (kernel, int8, x, bk, bn)
         for c in cfgs:
             if quick and fam in seen:
                 break
             seen.add(fam)
-            out.append({"kernel": kernel, "fn": fn, "ptrs": ptrs, "consts": {**consts, **c.kwargs},
+            out.append({"kernel": kernel, "fn": fn, "ptrs": ptrs, "consts": {**consts, **c.kwargs}, "ones": ones,
                         "num_warps": c.num_warps, "num_stages": c.num_stages,
                         "fp_fusion": not (kernel == "int8_gemm" or (const[0] and const[1])),
                         "label": f"{kernel} {const} {c}"})
@@ -108,15 +112,23 @@ def compile_one(job: dict, arch: int = 90) -> float:
     from triton.compiler import ASTSource
     fn = job["fn"]
     sig, attrs = {}, {}
+    consts = dict(job["consts"])
+    # As the JIT specializes a launch of pysparse's layouts: pointers 16-byte aligned (torch
+    # allocations), unit strides as the constant 1, the other integers divisible by 16 (the
+    # timed shapes), M and the do-not-specialize M_BUCKET left general.
     for i, name in enumerate(fn.arg_names):
         if name in job["ptrs"]:
             sig[name] = job["ptrs"][name]
-            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
-        elif name in job["consts"]:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in consts:
             sig[name] = "constexpr"
+        elif name in job.get("ones", ()):
+            sig[name], consts[name] = "constexpr", 1
         else:
             sig[name] = "i32"
-    src = ASTSource(fn, sig, constexprs=job["consts"], attrs=attrs)
+            if name not in ("M", "M_BUCKET"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
     t0 = time.perf_counter()
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                        options={"num_warps": job["num_warps"], "num_stages": job["num_stages"],
@@ -125,6 +137,11 @@ def compile_one(job: dict, arch: int = 90) -> float:
     if "cubin" not in k.asm:
         raise RuntimeError("no cubin produced")
     job["shared"] = k.metadata.shared
+    ptx = k.asm.get("ptx", "")
+    # how the operands reach the MMA: wgmma (Hopper), cp.async (pipelined loads), byte
+    # permutes (an int8 operand transposed in registers: what an n-contiguous int8 B costs)
+    job["ptx"] = {"wgmma": ptx.count("wgmma.mma_async"), "cp_async": ptx.count("cp.async.c"),
+                  "prmt": ptx.count("prmt"), "st_shared": ptx.count("st.shared")}
     return dt
 
 
@@ -145,8 +162,9 @@ def main(argv=None) -> int:
         try:
             dt = compile_one(j)
             total += dt
-            results.append({"config": j["label"], "ok": True, "seconds": round(dt, 2), "shared": j.get("shared")})
-            print(f"  ok   {dt:5.2f} s  smem {j.get('shared', 0) // 1024:3d} KiB  {j['label']}", flush=True)
+            results.append({"config": j["label"], "ok": True, "seconds": round(dt, 2), "shared": j.get("shared"),
+                            "ptx": j.get("ptx")})
+            print(f"  ok   {dt:5.2f} s  smem {j.get('shared', 0) // 1024:3d} KiB  {j.get('ptx')}  {j['label']}", flush=True)
         except Exception as e:
             failed += 1
             msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
