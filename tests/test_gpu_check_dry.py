@@ -146,6 +146,7 @@ def test_aot_compile_sm90a(tmp_path):
     # blocks need bk >= 32 there: an int8 block kernel with bk = 16 does not compile.
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # no races with other compiles, no stale hits
     code = f"""
 import sys; sys.path.insert(0, {str(ROOT / 'scripts')!r})
 import aot_compile_check as a
