@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -150,6 +151,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="one config per kernel variant family")
     ap.add_argument("--json", default=None, help="write the per-config results here")
     args = ap.parse_args(argv)
+    # A private cache: every configuration really compiles (no hits from an earlier run),
+    # and no race with another process compiling into ~/.triton/cache (seen here once).
+    os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="pysparse-aot-"))
     why = why_unavailable()
     if why:
         print(f"skipped: {why}")

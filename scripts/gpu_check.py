@@ -32,8 +32,9 @@ every kernel variant it really launched is among those counted.
   76 autotune benchmarks in 20 tuning keys (was ~500); 202 timings.
 Estimated wall time on an H200 (16 host cores), wall_estimate(): build ~90 s (setup.py
 compiles nine ISA units one after another), imports ~10 s, 96 compiles x ~1.5 s = ~144 s
-(the review measured 0.2-2.7 s per compile; scripts/aot_compile_check.py times them at
-sm_90a: 1-6 s on this loaded 2-core machine for most, 15-65 s for the 128-row int8 tiles),
+(the review measured 0.2-2.7 s per compile; scripts/aot_compile_check.py compiled all 175
+kernel configurations for sm_90a here, 7.9 s mean at a load of 13 on 2 cores, i.e. about
+1.3 s of one core; the 128-row tiles cost the most),
 76 benchmarks x ~0.15 s = ~11 s (do_bench 25 ms warm-up + 100 ms), 202 timings x ~0.25 s
 = ~50 s, two torch.compile(fullgraph=True) ~40 s, ResNet-50 prune + compact on the host
 and its timings ~40 s, compact conv ~20 s: ~406 s, 6.8 minutes, under the 8-minute target.
