@@ -11,7 +11,7 @@ DEPS := numpy tqdm pytest pytest-benchmark hypothesis scikit-learn triton torcha
 # Torch-Pruning is a benchmark peer; --no-deps so its torch requirement can never pull another torch.
 NODEPS := torch-pruning
 
-.PHONY: setup build test demo bench bench-kernels benchmarks gpu-check cross-aarch64 clean
+.PHONY: setup build test demo bench bench-kernels benchmarks gpu-check gpu-check-dry gpu-check-aot cross-aarch64 clean
 
 $(VPY):
 	$(PY) -m venv --system-site-packages $(VENV)
@@ -58,11 +58,28 @@ benchmarks: setup
 	  --json $(BENCH_DIR)/compact_resnet50.json \
 	  --notes $(BENCH_DIR)/NOTES.md --out BENCHMARKS.md
 
-# On a GPU machine (PyTorch, Triton, CUDA, pytest; no network, nothing to install):
-# build in place with the system Python and run the GPU tests + benchmark grid.
+# On a GPU machine (PyTorch, Triton, CUDA; no network, nothing to install): build in place
+# with the system Python, then scripts/gpu_check.py (correctness, timings, compact conv,
+# ResNet-50; see its docstring). Made for one 10-minute device command: build + check stop
+# within GPU_CHECK_SECONDS (the script's --budget is what the build left), and everything,
+# the build log too, lands in $$OUT when it is set (else gpu_check_out/).
+GPU_CHECK_SECONDS ?= 540
+GPU_CHECK_ARGS ?=
 gpu-check:
-	$(PY) setup.py -q build_ext --inplace
-	PYTHONPATH=$(CURDIR) $(PY) scripts/gpu_check.py
+	@set -o pipefail; out=$${OUT:-gpu_check_out}; mkdir -p $$out; start=$$(date +%s); \
+	$(PY) setup.py -q build_ext --inplace 2>&1 | tee $$out/build.log || exit 1; \
+	left=$$(( $(GPU_CHECK_SECONDS) - ($$(date +%s) - start) )); \
+	PYTHONUNBUFFERED=1 PYTHONPATH=$(CURDIR) $(PY) scripts/gpu_check.py --out $$out --budget $$left $(GPU_CHECK_ARGS)
+
+# The rehearsal, here: the whole script on CPU tensors (Triton interpreter, tiny shapes, a
+# fake timer); tests/test_gpu_check_dry.py runs it in `make test`.
+gpu-check-dry: setup
+	PYTHONUNBUFFERED=1 PYTHONPATH=$(CURDIR) $(VPY) scripts/gpu_check.py --dry --out $${OUT:-gpu_check_out}
+
+# Every Triton kernel configuration compiled ahead of time for sm_90a, no GPU needed
+# (skipped, with the reason, where Triton's CUDA backend or ptxas is missing).
+gpu-check-aot: setup
+	env -u TRITON_INTERPRET PYTHONPATH=$(CURDIR) $(VPY) scripts/aot_compile_check.py
 
 # The build off x86-64: cross-compile the torch-free kernel units (the scalar kernels, CPU
 # feature detection, the dispatch policy) for aarch64 with Debian's cross compiler, and

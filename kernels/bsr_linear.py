@@ -7,6 +7,14 @@ W[r*bn + n, col_idx[j]*bk + k]``. That [bk, bn] block is exactly the B operand o
 ``x_tile @ B`` (K rows, N columns), so it feeds ``tl.dot`` with no transpose. Edge blocks
 are zero padded; x has only K columns, so its loads are masked.
 
+int8 blocks are stored the other way, K contiguous: ``values_q[j, n, k] = W[r*bn + n,
+col_idx[j]*bk + k]`` ([nnzb, bn, bk], each block as it sits in W; ``dense_to_bsr_int8``).
+Hopper's int8 wgmma takes its B operand K-major only (transposed shared-memory layouts
+exist for 16-bit types alone), so an n-contiguous int8 block cannot be fed to it by the
+asynchronous copy pipeline; a K-major one is (the dense int8 kernel reads W the same way).
+The kernel reads either layout through the strides it is given. int8 blocks also need
+bk >= 32 on a GPU: an 8-bit ``tl.dot`` needs K >= 32 (one int8 MMA k-step).
+
 One program computes a [BLOCK_M, bn] output tile: it walks the nonzero blocks of its
 block row, accumulating ``x[:, cols] @ values[j]`` in fp32 (float weights) or exact int32
 (int8 weights), then runs a fused epilogue (dequantization, bias, ReLU, cast).
@@ -29,9 +37,22 @@ import triton
 import triton.language as tl
 
 __all__ = ["bsr_linear_triton", "bsr_int8_linear_triton", "bsr_int8_mm_triton", "dense_to_bsr",
-           "MAX_K", "MIN_BLOCK", "MAX_BLOCK"]
+           "dense_to_bsr_int8", "MAX_K", "MIN_BLOCK", "MAX_BLOCK", "MIN_INT8_BK"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+FIXED_CONFIG_ENV = "PYSPARSE_TRITON_FIXED_CONFIG"
+
+# int8 x int8 tl.dot needs K >= 32 on GPUs (the 8-bit MMA's k-step); the interpreter
+# takes 16, so this is checked for CUDA tensors and the CPU tests use bk >= 32 as well.
+MIN_INT8_BK = 32
+
+# When not None, every launch appends (kernel, signature) here: scripts/gpu_check.py
+# counts the distinct compiled variants of a run from it.
+LAUNCH_LOG: Optional[list] = None
+
+
+def fixed_config_enabled() -> bool:
+    return os.environ.get(FIXED_CONFIG_ENV, "") not in ("", "0")
 
 # The int32 accumulator is exact while K * 128 * 128 <= 2**31 - 1 (all -128 x -128).
 MAX_K = (2**31 - 1) // (128 * 128)  # 131071
@@ -51,26 +72,32 @@ def _config(bm: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
 
 
-def _configs() -> list[triton.Config]:
-    if _INTERPRET:
-        # One config: the autotuner then skips benchmarking (the interpreter runs every
-        # program in numpy). 16 rows make the tests' M = 17 cross a tile edge.
-        return [_config(16, 1, 1)]
+def gpu_configs() -> list[triton.Config]:
+    """The configs tuned on a GPU. The first of each M bucket (see ``_prune``) is the
+    fixed config of correctness runs. One config per (BLOCK_M, warps, stages): two
+    configs that differ only in a footprint the pruner then cuts to the same stages
+    would compile and benchmark the same kernel twice."""
     return [
         # Decode (M <= 16): one 16-row MMA tile, never padded to 64/128 rows. The layer
         # is bound by reading the weight blocks; a 16 x 16..64 tile needs few warps.
-        _config(16, 1, 3),
-        _config(16, 2, 3),
         _config(16, 4, 4),
-        # Small batches.
+        _config(16, 2, 3),
+        # Small batches (M <= 64).
         _config(32, 4, 3),
         _config(64, 4, 3),
         # Prefill: each weight block is reused by 64/128 rows of x.
         _config(64, 4, 4),
         _config(128, 4, 3),
         _config(128, 8, 3),
-        _config(128, 8, 2),
     ]
+
+
+def _configs() -> list[triton.Config]:
+    if _INTERPRET:
+        # One config: the autotuner then skips benchmarking (the interpreter runs every
+        # program in numpy). 16 rows make the tests' M = 17 cross a tile edge.
+        return [_config(16, 1, 1)]
+    return gpu_configs()
 
 
 def _stage_bytes(cfg: triton.Config, bk: int, bn: int, x_size: int, v_size: int) -> int:
@@ -83,6 +110,10 @@ def _prune(configs, named_args, **kwargs):
     pipelines cut to as many stages as fit in shared memory for this block size and dtype
     (fp32 128 x 128 blocks: 64 KiB per block, so one or two stages)."""
     args = {**named_args, **kwargs}
+    return _prune_sizes(configs, args, args["x_ptr"].element_size(), args["v_ptr"].element_size())
+
+
+def _prune_sizes(configs, args, xs: int, vs: int):
     mb, bk, bn = args["M_BUCKET"], args["BK"], args["BN"]
     if mb <= 16:
         keep = [c for c in configs if c.kwargs["BLOCK_M"] == 16]
@@ -90,7 +121,6 @@ def _prune(configs, named_args, **kwargs):
         keep = [c for c in configs if c.kwargs["BLOCK_M"] <= 64]
     else:
         keep = [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
-    xs, vs = args["x_ptr"].element_size(), args["v_ptr"].element_size()
     out = {}
     for c in keep or configs:
         stages = max(1, min(c.num_stages, _SMEM_BUDGET // _stage_bytes(c, bk, bn, xs, vs)))
@@ -98,6 +128,12 @@ def _prune(configs, named_args, **kwargs):
             c = _config(c.kwargs["BLOCK_M"], c.num_warps, stages)
         out.setdefault((c.kwargs["BLOCK_M"], c.num_warps, c.num_stages), c)
     return list(out.values())
+
+
+def fixed_config(M: int, bk: int, bn: int, x_size: int, v_size: int) -> triton.Config:
+    """The config a fixed-config launch runs: the first that suits M, stages cut to fit."""
+    args = {"M_BUCKET": _m_bucket(M), "BK": bk, "BN": bn}
+    return _prune_sizes(_configs(), args, x_size, v_size)[0]
 
 
 def _m_bucket(M: int) -> int:
@@ -120,22 +156,24 @@ def _f32_to_bf16_rne(y):
     return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "BN", "BK", "NNZB"],
+# No block count (NNZB) in the key: it was there once, and every layer of another
+# density re-tuned (up to 7 compiles-and-benchmarks per layer in a serving cold start,
+# 4x the tunings of the gpu-check timing grid). Blocks per row change how long a program
+# runs, not which tile shape suits M and the block.
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "BN", "BK"],
                  prune_configs_by={"early_config_prune": _prune})
-@triton.jit(do_not_specialize=["M_BUCKET", "NNZB"])
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _bsr_kernel(
     x_ptr, v_ptr, row_ptr_ptr, col_idx_ptr, out_ptr, xs_ptr, ws_ptr, bias_ptr,
-    M, N, K, M_BUCKET, NNZB,
+    M, N, K, M_BUCKET,
     stride_xm, stride_xk, stride_vj, stride_vk, stride_vn, stride_om, stride_on,
     stride_xs, stride_ws, stride_bias,
     INT8: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
     UPCAST_BF16: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """out[:, r*BN : r*BN+BN] = epilogue(sum over the blocks j of row r of x[:, cols_j] @ values[j]).
-
-    NNZB is only an autotuning key (tuning is stored per density).
-    """
+    """out[:, r*BN : r*BN+BN] = epilogue(sum over the blocks j of row r of x[:, cols_j] @ B_j),
+    B_j the [BK, BN] block j read through stride_vk / stride_vn (either layout)."""
     # A 1-D grid in grouped order: GROUP_M row tiles walk the block rows together, so
     # each weight block is read from DRAM once per group and x rows stay in L2. (1-D
     # also avoids grid axis 1's 65535 limit for layers with many block rows.)
@@ -241,22 +279,32 @@ def _check_tensor(t, name: str, what: str, dtypes: tuple, ndim: int, device=None
 
 
 def _check_bsr(x: torch.Tensor, x_name: str, x_dtypes: tuple, values: torch.Tensor, v_name: str,
-               v_dtypes: tuple, row_ptr, col_idx, N, K) -> tuple[int, int, int]:
+               v_dtypes: tuple, row_ptr, col_idx, N, K, k_contiguous: bool = False) -> tuple[int, int, int]:
     """Shapes, dtypes and devices of x and the BSR weight; returns (M, bk, bn).
+
+    values is [nnzb, bk, bn] (float blocks) or, with k_contiguous, [nnzb, bn, bk] (int8).
 
     The contents of row_ptr / col_idx are not checked: on a GPU that costs a device sync
     on every call. They are built once by ``dense_to_bsr`` (or pysparse.formats).
     """
     _check_tensor(x, x_name, "[M, K]", x_dtypes, 2)
     dev = x.device
-    _check_tensor(values, v_name, "[nnzb, bk, bn] blocks", v_dtypes, 3, dev)
+    form = "[nnzb, bn, bk]" if k_contiguous else "[nnzb, bk, bn]"
+    _check_tensor(values, v_name, f"{form} blocks", v_dtypes, 3, dev)
     for v, what in ((N, "N"), (K, "K")):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{what} must be an int >= 0, got {v!r}")
-    nnzb, bk, bn = values.shape
+    if k_contiguous:
+        nnzb, bn, bk = values.shape
+    else:
+        nnzb, bk, bn = values.shape
     if not (_is_pow2(bk) and _is_pow2(bn) and MIN_BLOCK <= min(bk, bn) and max(bk, bn) <= MAX_BLOCK):
-        raise ValueError(f"{v_name} must be [nnzb, bk, bn] blocks with bk and bn powers of two in "
+        raise ValueError(f"{v_name} must be {form} blocks with bk and bn powers of two in "
                          f"{MIN_BLOCK}..{MAX_BLOCK} (tl.dot needs >= 16), got bk = {bk}, bn = {bn}")
+    if k_contiguous and bk < MIN_INT8_BK and dev.type == "cuda":
+        raise ValueError(f"{v_name}: int8 blocks need bk >= {MIN_INT8_BK} on a GPU (an 8-bit tl.dot needs "
+                         f"K >= {MIN_INT8_BK}, one int8 MMA k-step), got bk = {bk}; use blocks of "
+                         f"{MIN_INT8_BK}..{MAX_BLOCK} inputs (pysparse's int8 blocks are 64 x 64)")
     if x.shape[1] != K:
         raise ValueError(f"{x_name} must be [M, K] with K = {K}, got shape {tuple(x.shape)}")
     R = (N + bn - 1) // bn
@@ -297,7 +345,12 @@ def _launch(x, values, row_ptr, col_idx, out, xs, ws, bias, M, N, K, *, int8: bo
         with torch.cuda.device(x.device):
             return _launch(x, values, row_ptr, col_idx, out, xs, ws, bias, M, N, K, int8=int8,
                            epilogue=epilogue, has_bias=has_bias, relu=relu)
-    bk, bn = values.shape[1], values.shape[2]
+    if int8:  # K-major [nnzb, bn, bk]
+        bn, bk = values.shape[1], values.shape[2]
+        stride_vk, stride_vn = values.stride(2), values.stride(1)
+    else:  # [nnzb, bk, bn]
+        bk, bn = values.shape[1], values.shape[2]
+        stride_vk, stride_vn = values.stride(1), values.stride(2)
     R = (N + bn - 1) // bn
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * R,)
     extra = {}
@@ -306,15 +359,19 @@ def _launch(x, values, row_ptr, col_idx, out, xs, ws, bias, M, N, K, *, int8: bo
         # Only here: the float path's epilogue has no multiply, and its fp32 FMA dot
         # wants fused multiply-adds. (The interpreter ignores compile options.)
         extra["enable_fp_fusion"] = False
-    _bsr_kernel[grid](
-        x, values, row_ptr, col_idx, out, xs, ws, bias,
-        M, N, K, _m_bucket(M), values.shape[0],
-        x.stride(0), x.stride(1), values.stride(0), values.stride(1), values.stride(2),
-        out.stride(0), out.stride(1), xs.stride(0), ws.stride(0), bias.stride(0),
-        INT8=int8, EPILOGUE=epilogue, HAS_BIAS=has_bias, RELU=relu,
-        UPCAST_BF16=_INTERPRET, BN=bn, BK=bk,
-        **extra,
-    )
+    const = dict(INT8=int8, EPILOGUE=epilogue, HAS_BIAS=has_bias, RELU=relu, UPCAST_BF16=_INTERPRET, BN=bn, BK=bk)
+    args = (x, values, row_ptr, col_idx, out, xs, ws, bias, M, N, K, _m_bucket(M),
+            x.stride(0), x.stride(1), values.stride(0), stride_vk, stride_vn,
+            out.stride(0), out.stride(1), xs.stride(0), ws.stride(0), bias.stride(0))
+    fixed = fixed_config_enabled()
+    if LAUNCH_LOG is not None:
+        LAUNCH_LOG.append(("bsr", {"M": M, "N": N, "K": K, "x": str(x.dtype), "v": str(values.dtype),
+                                   "out": str(out.dtype), "fixed": fixed, **const}))
+    if fixed:
+        cfg = fixed_config(M, bk, bn, x.element_size(), values.element_size())
+        _bsr_kernel.fn[grid](*args, **const, **cfg.all_kwargs(), **extra)
+    else:
+        _bsr_kernel[grid](*args, **const, **extra)
 
 
 def _finish(y: torch.Tensor, bias: Optional[torch.Tensor], relu: bool, out: torch.Tensor) -> torch.Tensor:
@@ -369,12 +426,13 @@ def bsr_linear_triton(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tens
 def bsr_int8_mm_triton(x_q: torch.Tensor, values_q: torch.Tensor, row_ptr: torch.Tensor,
                        col_idx: torch.Tensor, N: int, K: int) -> torch.Tensor:
     """Exact block-sparse int8 GEMM: int8 ``x_q`` [M, K] times the BSR int8 weight
-    (``values_q`` int8 [nnzb, bk, bn], k-major) transposed -> int32 [M, N].
+    (``values_q`` int8 [nnzb, bn, bk], K contiguous: ``dense_to_bsr_int8``) transposed ->
+    int32 [M, N]. bk >= 32 on a GPU.
 
     The sums are exact for K <= MAX_K (131071).
     """
     M, bk, bn = _check_bsr(x_q, "x_q", (torch.int8,), values_q, "values_q", (torch.int8,), row_ptr,
-                           col_idx, N, K)
+                           col_idx, N, K, k_contiguous=True)
     _check_int8_K(K)
     out = torch.empty((M, N), dtype=torch.int32, device=x_q.device)
     if M == 0 or N == 0:
@@ -396,7 +454,8 @@ def bsr_int8_linear_triton(x_q: torch.Tensor, x_scale: torch.Tensor, values_q: t
     Args:
         x_q: int8 [M, K] activations.
         x_scale: float32 [M], one scale per row (a stride-0 expand of one scale is fine).
-        values_q: int8 [nnzb, bk, bn] weight blocks, k-major (bk, bn powers of two, 16..128).
+        values_q: int8 [nnzb, bn, bk] weight blocks, K contiguous (``dense_to_bsr_int8``;
+            bk, bn powers of two in 16..128, bk >= 32 on a GPU).
         row_ptr, col_idx: the BSR structure (int32 [ceil(N / bn) + 1], int32 [nnzb]).
         w_scale: float32 [N], one scale per output channel.
         bias: float32 [N] or None.
@@ -410,7 +469,7 @@ def bsr_int8_linear_triton(x_q: torch.Tensor, x_scale: torch.Tensor, values_q: t
         ``acc`` is the exact int32 sum of the int8 products.
     """
     M, bk, bn = _check_bsr(x_q, "x_q", (torch.int8,), values_q, "values_q", (torch.int8,), row_ptr,
-                           col_idx, N, K)
+                           col_idx, N, K, k_contiguous=True)
     _check_int8_K(K)
     dev = x_q.device
     _check_vector(x_scale, "x_scale", M, "M", dev)
@@ -459,3 +518,10 @@ def dense_to_bsr(w: torch.Tensor, bn: int, bk: int) -> tuple[torch.Tensor, torch
     row_ptr[1:] = torch.cumsum(mask.sum(1), 0)
     col_idx = mask.nonzero()[:, 1].to(torch.int32).contiguous()
     return values, row_ptr, col_idx
+
+
+def dense_to_bsr_int8(w: torch.Tensor, bn: int, bk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int8 W [N, K] -> BSR ``(values [nnzb, bn, bk] K contiguous, row_ptr, col_idx)``: the
+    layout of the int8 kernels (``values[j, n, k] = W[r*bn + n, col_idx[j]*bk + k]``)."""
+    values, row_ptr, col_idx = dense_to_bsr(w, bn, bk)
+    return values.transpose(1, 2).contiguous(), row_ptr, col_idx

@@ -11,6 +11,10 @@ Under ``TRITON_INTERPRET=1`` (the CPU tests) the autotuner gets a single small c
 the interpreter runs every program in numpy, so tuning would only cost time. That choice
 is made when this module is imported, as Triton itself decides interpretation when the
 kernel is decorated.
+
+``PYSPARSE_TRITON_FIXED_CONFIG=1`` (read at each launch) skips autotuning: each launch runs
+the first config of its M bucket (``fixed_config``) straight through the jitted kernel.
+Correctness checks use it (scripts/gpu_check.py): one compile per M bucket, no benchmarks.
 """
 from __future__ import annotations
 
@@ -24,6 +28,15 @@ import triton.language as tl
 __all__ = ["int8_linear_triton", "int8_mm_triton", "MAX_K"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+FIXED_CONFIG_ENV = "PYSPARSE_TRITON_FIXED_CONFIG"
+
+# When not None, every launch appends (kernel, signature) here (scripts/gpu_check.py
+# counts a run's compiled variants from it).
+LAUNCH_LOG: Optional[list] = None
+
+
+def fixed_config_enabled() -> bool:
+    return os.environ.get(FIXED_CONFIG_ENV, "") not in ("", "0")
 
 # The int32 accumulator is exact while K * 128 * 128 <= 2**31 - 1 (all -128 x -128).
 MAX_K = (2**31 - 1) // (128 * 128)  # 131071
@@ -41,6 +54,12 @@ def _configs() -> list[triton.Config]:
         # One config: the autotuner then skips benchmarking. Small M/N blocks make the
         # tests' odd shapes cross block edges; BLOCK_K 64 keeps the loop short.
         return [_config(16, 32, 64, 4, 1)]
+    return gpu_configs()
+
+
+def gpu_configs() -> list[triton.Config]:
+    """The configs tuned on a GPU; the first of each M bucket (``_prune``) is the fixed
+    config of correctness runs."""
     return [
         # Decode (M <= 16): one 16-row MMA tile. The GEMM is bound by reading the weight,
         # so narrow N blocks (and long K blocks) give enough CTAs to fill all SMs.
@@ -69,6 +88,11 @@ def _prune(configs, named_args, **kwargs):
     else:
         keep = [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
     return keep or configs
+
+
+def fixed_config(M: int) -> triton.Config:
+    """The config a fixed-config launch runs: the first that suits M's bucket."""
+    return _prune(_configs(), {"M_BUCKET": _m_bucket(M)})[0]
 
 
 def _m_bucket(M: int) -> int:
@@ -208,16 +232,19 @@ def _launch(a, w_q, out, xs, ws, bias, M, N, K, epilogue: bool, has_bias: bool) 
         # Triton launches on the current device; the tensors may live on another one.
         with torch.cuda.device(a.device):
             return _launch(a, w_q, out, xs, ws, bias, M, N, K, epilogue, has_bias)
-    _int8_gemm_kernel[grid](
-        a, w_q, out, xs, ws, bias,
-        M, N, K, _m_bucket(M),
-        a.stride(0), a.stride(1), w_q.stride(0), w_q.stride(1), out.stride(0), out.stride(1),
-        xs.stride(0), ws.stride(0), bias.stride(0),
-        EPILOGUE=epilogue, HAS_BIAS=has_bias,
-        # No FMA contraction: y*x_scale + bias must round twice, as on the CPU paths.
-        # (The interpreter ignores compile options.)
-        enable_fp_fusion=False,
-    )
+    args = (a, w_q, out, xs, ws, bias, M, N, K, _m_bucket(M),
+            a.stride(0), a.stride(1), w_q.stride(0), w_q.stride(1), out.stride(0), out.stride(1),
+            xs.stride(0), ws.stride(0), bias.stride(0))
+    const = dict(EPILOGUE=epilogue, HAS_BIAS=has_bias)
+    fixed = fixed_config_enabled()
+    if LAUNCH_LOG is not None:
+        LAUNCH_LOG.append(("int8_gemm", {"M": M, "N": N, "K": K, "out": str(out.dtype), "fixed": fixed, **const}))
+    # No FMA contraction: y*x_scale + bias must round twice, as on the CPU paths.
+    # (The interpreter ignores compile options.)
+    if fixed:
+        _int8_gemm_kernel.fn[grid](*args, **const, **fixed_config(M).all_kwargs(), enable_fp_fusion=False)
+    else:
+        _int8_gemm_kernel[grid](*args, **const, enable_fp_fusion=False)
 
 
 # ------------------------------------------------------------------------------ API

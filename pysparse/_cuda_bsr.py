@@ -15,8 +15,9 @@ CUDA weight layouts:
   one rounding to x's dtype. Blocks the Triton kernel cannot take (sides not powers of
   two in 16..128: tl.dot needs >= 16; the CPU op allows any bk) run a dense PyTorch
   matmul of the reconstructed weight instead, with a warning (once).
-* ``bsr_int8_linear``: values int8 [nnzb, 64, 64], k-major, NOT the CPU's [nnzb, 4096]
-  VNNI order (pysparse.formats.int8_blocks_to_kmajor converts; BlockSparseLinear does
+* ``bsr_int8_linear``: values int8 [nnzb, 64 n, 64 k], K-major (K contiguous, each block as
+  it sits in W: Hopper's int8 wgmma takes B only K-major, so the block loads pipeline),
+  NOT the CPU's [nnzb, 4096] VNNI order (pysparse.formats.int8_blocks_to_kmajor converts; BlockSparseLinear does
   it when moved to a GPU). colsum int32 and w_scale float32 are [1, round_up(N, 64)] as
   on the CPU; colsum is not needed by the s8 x s8 kernel. Activations are quantized by
   ``pysparse._cuda_ops.quantize_rows`` (the CPU kernels' float operations) and the
@@ -192,7 +193,7 @@ def bsr_int8_linear_cuda(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.T
     """pysparse::bsr_int8_linear on CUDA: quantize x (PyTorch), block-sparse int8 GEMM and
     epilogue (Triton).
 
-    x [..., K] float32/bfloat16/float16; values int8 [nnzb, 64, 64] k-major; colsum int32
+    x [..., K] float32/bfloat16/float16; values int8 [nnzb, 64 n, 64 k] K-major; colsum int32
     and w_scale float32 [1, round_up(N, 64)]; bias float32 [N] or None; x_scale None
     (dynamic per row) or a one-element float32 tensor. Returns [..., N] in x's dtype.
     """
@@ -203,7 +204,7 @@ def bsr_int8_linear_cuda(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.T
     if values.dim() != 3 or tuple(values.shape[1:]) != (B, B):
         hint = (" (that is the CPU layout: convert it with pysparse.formats.int8_blocks_to_kmajor; "
                 "BlockSparseLinear does this when moved to a GPU)") if values.dim() == 2 else ""
-        raise ValueError(f"{op}: on CUDA values must be k-major int8 blocks [nnzb, {B}, {B}], got shape "
+        raise ValueError(f"{op}: on CUDA values must be K-major int8 blocks [nnzb, {B} n, {B} k], got shape "
                          f"{tuple(values.shape)}{hint}")
     dev = values.device
     _check_x(x, K, op, dev)

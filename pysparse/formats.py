@@ -10,6 +10,11 @@ input channels col_idx[j]*bk .. +bk. Edge blocks are zero padded.
   On a GPU bf16/fp16 blocks are k-major [nnzb, bk, bn] like fp32 (bf16_pairs_to_kmajor).
 - int8: 64 x 64 blocks, each in the dense int8 kernels' layout (csrc/cpu/int8_linear.h):
   values [nnzb, 4096], with per-output-channel scales and column sums.
+  On a GPU int8 blocks are K-major [nnzb, 64 n, 64 k], K contiguous (each block as it sits
+  in W; int8_blocks_to_kmajor): Hopper's int8 wgmma takes B only K-major, so the Triton
+  kernel's block loads pipeline straight into it. ("k-major" of the float blocks above
+  means k outermost, n contiguous; for int8 on the GPU "K-major" is the MMA operand's
+  sense, K contiguous, as the dense int8 weight [N, K] is.)
 """
 from __future__ import annotations
 
@@ -218,23 +223,32 @@ def pack_bsr_int8(w: torch.Tensor, q: Optional[torch.Tensor] = None,
 
 
 def int8_blocks_to_kmajor(values: torch.Tensor) -> torch.Tensor:
-    """int8 BSR values from the CPU layout [nnzb, 4096] to k-major [nnzb, 64 k, 64 n]
-    (what the Triton kernel's tl.dot tiles load). Exact inverse of int8_blocks_to_cpu."""
-    # [j][nb][kg][n16][i] -> [j][kg][i][nb][n16]
-    return values.reshape(-1, 4, 16, 16, 4).permute(0, 2, 4, 1, 3).reshape(-1, 64, 64).contiguous()
+    """int8 BSR values from the CPU layout [nnzb, 4096] to the GPU layout, K-major
+    [nnzb, 64 n, 64 k] (K contiguous: ``values[j, n, k] = W[r*64 + n, col_idx[j]*64 + k]``,
+    what the Triton kernel's int8 tl.dot wants). Exact inverse of int8_blocks_to_cpu."""
+    # [j][nb][kg][n16][i] -> [j][nb][n16][kg][i] = [j][n][k]
+    return values.reshape(-1, 4, 16, 16, 4).permute(0, 1, 3, 2, 4).reshape(-1, 64, 64).contiguous()
 
 
 def int8_blocks_to_cpu(values: torch.Tensor) -> torch.Tensor:
-    """Inverse of int8_blocks_to_kmajor: [nnzb, 64, 64] -> the CPU layout [nnzb, 4096]."""
-    return values.reshape(-1, 16, 4, 4, 16).permute(0, 3, 1, 4, 2).reshape(-1, 4096).contiguous()
+    """Inverse of int8_blocks_to_kmajor: [nnzb, 64 n, 64 k] -> the CPU layout [nnzb, 4096]."""
+    # [j][nb][n16][kg][i] -> [j][nb][kg][n16][i]
+    return values.reshape(-1, 4, 16, 16, 4).permute(0, 1, 3, 2, 4).reshape(-1, 4096).contiguous()
+
+
+def int8_blocks_kn(values: torch.Tensor) -> torch.Tensor:
+    """int8 BSR values in either layout (CPU [nnzb, 4096] or GPU [nnzb, 64 n, 64 k]) as
+    [nnzb, 64 k, 64 n] blocks (the float blocks' order, for bsr_to_dense); a view where it
+    can be."""
+    nk = values.reshape(-1, *INT8_BLOCK) if values.dim() == 3 else int8_blocks_to_kmajor(values)
+    return nk.transpose(1, 2)
 
 
 def int8_bsr_to_dense(values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, N: int,
                       K: int) -> torch.Tensor:
-    """int8 BSR values (the CPU layout [nnzb, 4096] or k-major [nnzb, 64, 64]) -> the
-    int8 weight [N, K] they hold (zeros where no block is stored)."""
-    kmajor = values.reshape(-1, *INT8_BLOCK) if values.dim() == 3 else int8_blocks_to_kmajor(values)
-    return bsr_to_dense(kmajor, row_ptr, col_idx, N, K)
+    """int8 BSR values (the CPU layout [nnzb, 4096] or the GPU's K-major [nnzb, 64, 64]) ->
+    the int8 weight [N, K] they hold (zeros where no block is stored)."""
+    return bsr_to_dense(int8_blocks_kn(values), row_ptr, col_idx, N, K)
 
 
 def int8_bsr_colsum(values: torch.Tensor, row_ptr: torch.Tensor, N: int) -> torch.Tensor:
@@ -242,7 +256,7 @@ def int8_bsr_colsum(values: torch.Tensor, row_ptr: torch.Tensor, N: int) -> torc
     in the CPU layout [nnzb, 4096]: what ``colsum[0, :N]`` must hold."""
     bn, bk = INT8_BLOCK
     R = -(-N // bn)
-    per_block = int8_blocks_to_kmajor(values).sum(1, dtype=torch.int32)  # [nnzb, 64 n]
+    per_block = int8_blocks_to_kmajor(values).sum(2, dtype=torch.int32)  # [nnzb, 64 n]
     rp = row_ptr.to(values.device).long()
     rows = torch.repeat_interleave(torch.arange(R, device=values.device), rp[1:] - rp[:-1],
                                    output_size=values.shape[0])

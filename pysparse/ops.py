@@ -24,7 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from . import _C  # noqa: F401  (loads the library: schemas + CPU kernels)
 from . import _cuda_ops  # noqa: F401  (Triton kernels for CUDA tensors; registers only)
 from . import _cuda_bsr  # noqa: F401
-from .formats import PACK_K, PACK_N, BsrLayout, bsr_f32_to_dense, int8_blocks_to_kmajor
+from .formats import PACK_K, PACK_N, BsrLayout, bsr_f32_to_dense, int8_blocks_kn
 from .formats import round_up as _round_up
 
 
@@ -268,10 +268,10 @@ def bsr_int8_dequantized_weight(values: torch.Tensor, row_ptr: torch.Tensor, col
                                 w_scale: torch.Tensor, N: int, K: int) -> torch.Tensor:
     """The weight bsr_int8_linear multiplies by, as float32 [N, K] (zeros where no block).
 
-    values: int8 blocks in the CPU layout [nnzb, 4096] or k-major [nnzb, 64, 64] (CUDA);
+    values: int8 blocks in the CPU layout [nnzb, 4096] or K-major [nnzb, 64 n, 64 k] (CUDA);
     w_scale [1, round_up(N, 64)].
     """
-    vk = int8_blocks_to_kmajor(values) if values.dim() == 2 else values
+    vk = int8_blocks_kn(values)
     bn, bk = 64, 64  # formats.INT8_BLOCK
     w = bsr_f32_to_dense(vk.float(), BsrLayout(N, K, bn, bk, row_ptr, col_idx))
     return w * w_scale[0, :N, None].float()

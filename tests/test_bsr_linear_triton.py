@@ -40,6 +40,9 @@ def _load_interpreted_kernels():
 T = _load_interpreted_kernels()
 
 BLOCKS = [(16, 16), (32, 64)]  # (bn, bk): 70 x 130 is a multiple of neither
+# int8 blocks: bk >= 32, as the GPU needs (an 8-bit tl.dot needs K >= 32; the interpreter
+# would take 16, so shapes that would not compile on hardware are kept out of here).
+INT8_BLOCKS = [(16, 32), (32, 64)]
 N0, K0 = 70, 130
 
 
@@ -269,11 +272,11 @@ def test_all_zero_layer(dtype):
 
 
 # ---------------------------------------------------------------- int8
-@pytest.mark.parametrize("bn,bk", BLOCKS + [(64, 64)])
+@pytest.mark.parametrize("bn,bk", INT8_BLOCKS + [(64, 64)])
 @pytest.mark.parametrize("M,N,K", [(0, 70, 130), (1, 70, 130), (5, 70, 130), (17, 70, 130), (3, 33, 2048)])
 def test_bsr_int8_mm_bit_exact(bn, bk, M, N, K):
     w = pruned_i8(N, K, bn, bk)
-    values, row_ptr, col_idx = T.dense_to_bsr(w, bn, bk)
+    values, row_ptr, col_idx = T.dense_to_bsr_int8(w, bn, bk)
     x = rand_i8(M, K)
     acc = T.bsr_int8_mm_triton(x, values, row_ptr, col_idx, N, K)
     assert acc.dtype == torch.int32 and acc.shape == (M, N)
@@ -287,17 +290,17 @@ def test_bsr_int8_mm_extremes():
     x = torch.full((2, K), -128, dtype=torch.int8)
     w = torch.stack([torch.full((K,), -128, dtype=torch.int8), torch.full((K,), 127, dtype=torch.int8),
                      torch.zeros(K, dtype=torch.int8)])
-    values, row_ptr, col_idx = T.dense_to_bsr(w, 16, 64)
+    values, row_ptr, col_idx = T.dense_to_bsr_int8(w, 16, 64)
     acc = T.bsr_int8_mm_triton(x, values, row_ptr, col_idx, 3, K)
     assert acc.tolist() == [[16384 * K, -128 * 127 * K, 0]] * 2
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("bn,bk", BLOCKS)
+@pytest.mark.parametrize("bn,bk", INT8_BLOCKS)
 @pytest.mark.parametrize("M", [1, 17])
 def test_bsr_int8_linear_bit_exact(out_dtype, bn, bk, M):
     w = pruned_i8(N0, K0, bn, bk)
-    values, row_ptr, col_idx = T.dense_to_bsr(w, bn, bk)
+    values, row_ptr, col_idx = T.dense_to_bsr_int8(w, bn, bk)
     x = rand_i8(M, K0)
     x_scale = torch.rand(M) * 0.1 + 1e-3
     w_scale = torch.rand(N0) * 0.01 + 1e-4
@@ -314,7 +317,7 @@ def test_bsr_int8_linear_bit_exact(out_dtype, bn, bk, M):
 
 def test_bsr_int8_linear_nan_row_scale_and_stride0_scale():
     w = pruned_i8(N0, K0, 32, 64)
-    values, row_ptr, col_idx = T.dense_to_bsr(w, 32, 64)
+    values, row_ptr, col_idx = T.dense_to_bsr_int8(w, 32, 64)
     x = rand_i8(4, K0)
     x_scale = torch.rand(4) + 0.01
     x_scale[2] = float("nan")
@@ -328,13 +331,59 @@ def test_bsr_int8_linear_nan_row_scale_and_stride0_scale():
 
 
 def test_bsr_int8_all_zero_layer():
-    values, row_ptr, col_idx = T.dense_to_bsr(torch.zeros(N0, K0, dtype=torch.int8), 16, 16)
+    values, row_ptr, col_idx = T.dense_to_bsr_int8(torch.zeros(N0, K0, dtype=torch.int8), 16, 32)
     x = rand_i8(3, K0)
     xs, ws, b = torch.rand(3), torch.rand(N0), torch.randn(N0)
     assert torch.equal(T.bsr_int8_mm_triton(x, values, row_ptr, col_idx, N0, K0),
                        torch.zeros(3, N0, dtype=torch.int32))
     y = T.bsr_int8_linear_triton(x, xs, values, row_ptr, col_idx, ws, b, N0, K0, out_dtype=torch.bfloat16)
     assert torch.equal(y, b.to(torch.bfloat16).expand(3, N0))
+
+
+def test_int8_blocks_k_contiguous_any_strides():
+    # values_q [nnzb, bn, bk], K contiguous (dense_to_bsr_int8); the kernel reads it through
+    # its strides, so a transposed view of [nnzb, bk, bn] blocks gives the same sums.
+    w = pruned_i8(N0, K0, 32, 64)
+    v, rp, ci = T.dense_to_bsr_int8(w, 32, 64)
+    vf, rp2, ci2 = T.dense_to_bsr(w, 32, 64)
+    assert v.shape[1:] == (32, 64) and v.stride(2) == 1
+    assert torch.equal(v, vf.transpose(1, 2)) and torch.equal(rp, rp2) and torch.equal(ci, ci2)
+    x = rand_i8(5, K0)
+    ref = (x.long() @ w.long().T).to(torch.int32)
+    assert torch.equal(T.bsr_int8_mm_triton(x, v, rp, ci, N0, K0), ref)
+    assert torch.equal(T.bsr_int8_mm_triton(x, vf.transpose(1, 2), rp, ci, N0, K0), ref)
+
+
+def test_fixed_config_env(monkeypatch):
+    # PYSPARSE_TRITON_FIXED_CONFIG=1: no autotuning, the first config of the M bucket runs
+    # through the jitted kernel; the results are the same.
+    w = pruned_i8(N0, K0, 32, 64)
+    v, rp, ci = T.dense_to_bsr_int8(w, 32, 64)
+    x = rand_i8(17, K0)
+    ref = T.bsr_int8_mm_triton(x, v, rp, ci, N0, K0)
+    monkeypatch.setenv(T.FIXED_CONFIG_ENV, "1")
+    assert T.fixed_config_enabled()
+    log = T.LAUNCH_LOG = []
+    try:
+        assert torch.equal(T.bsr_int8_mm_triton(x, v, rp, ci, N0, K0), ref)
+    finally:
+        T.LAUNCH_LOG = None
+    assert log and log[0][0] == "bsr" and log[0][1]["fixed"] is True and log[0][1]["BK"] == 64
+    monkeypatch.setenv(T.FIXED_CONFIG_ENV, "0")
+    assert not T.fixed_config_enabled()
+
+
+def test_gpu_configs_one_per_footprint_and_fixed_first():
+    cfgs = T.gpu_configs()
+    keys = [(c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in cfgs]
+    assert len(keys) == len(set(keys))
+    x, v8, v32 = torch.empty(1, 1, dtype=torch.bfloat16), torch.empty(1, 1, dtype=torch.int8), torch.empty(1, 1)
+    for M in (1, 16, 17, 64, 65, 4096):
+        for bk, bn, v in ((64, 64, v8), (64, 64, v32), (128, 128, v32)):
+            kept = T._prune(cfgs, {"M_BUCKET": T._m_bucket(M), "x_ptr": x, "v_ptr": v}, BK=bk, BN=bn)
+            assert kept and len({(c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in kept}) == len(kept)
+    # the key holds no block count: layers of any density share one tuning
+    assert "NNZB" not in T._bsr_kernel.keys
 
 
 # ---------------------------------------------------------------- tuning
@@ -360,8 +409,8 @@ def test_bad_input_messages():
     w = pruned_weight(N0, K0, 16, 16)
     v, rp, ci = T.dense_to_bsr(w, 16, 16)
     x = torch.randn(3, K0)
-    wq = pruned_i8(N0, K0, 16, 16)
-    vq, rpq, ciq = T.dense_to_bsr(wq, 16, 16)
+    wq = pruned_i8(N0, K0, 16, 32)
+    vq, rpq, ciq = T.dense_to_bsr_int8(wq, 16, 32)
     xq, xs, ws = rand_i8(3, K0), torch.ones(3), torch.ones(N0)
     L = T.bsr_linear_triton
     Q = T.bsr_int8_linear_triton

@@ -250,3 +250,21 @@ def test_bad_input_messages(cuda_bsr):
     for fn, msg in cases:
         with pytest.raises(ValueError, match=msg):
             fn()
+
+
+def test_int8_gpu_layout_is_k_major():
+    # GPU int8 blocks: [nnzb, 64 n, 64 k], K contiguous, each block as it sits in W (Hopper's
+    # int8 wgmma takes B K-major only); the CPU layout converts there and back exactly.
+    w = pruned_weight(N0, K0, 64, 64)
+    p = formats.pack_bsr_int8(w)
+    g = formats.int8_blocks_to_kmajor(p.values)
+    blocks, _ = formats.dense_to_bsr(p.q, 64, 64, formats.block_mask(w, 64, 64))  # [nnzb, 64 n, 64 k]
+    assert g.shape == blocks.shape and g.is_contiguous() and torch.equal(g, blocks)
+    assert torch.equal(formats.int8_blocks_to_cpu(g), p.values)
+    assert torch.equal(formats.int8_bsr_to_dense(g, p.layout.row_ptr, p.layout.col_idx, N0, K0), p.q)
+    assert torch.equal(formats.int8_bsr_to_dense(p.values, p.layout.row_ptr, p.layout.col_idx, N0, K0), p.q)
+    assert torch.equal(formats.int8_bsr_colsum(p.values, p.layout.row_ptr, N0), p.colsum[0, :N0])
+    from pysparse import ops  # the dense reconstruction (backward) takes both layouts
+    a = ops.bsr_int8_dequantized_weight(g, p.layout.row_ptr, p.layout.col_idx, p.w_scale, N0, K0)
+    b = ops.bsr_int8_dequantized_weight(p.values, p.layout.row_ptr, p.layout.col_idx, p.w_scale, N0, K0)
+    assert torch.equal(a, b) and torch.equal(a, p.q.float() * p.w_scale[0, :N0, None])

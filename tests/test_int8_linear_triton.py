@@ -307,3 +307,30 @@ def test_op_bad_input_messages(cuda_ops):
     for fn, msg in cases:
         with pytest.raises(ValueError, match=msg):
             fn()
+
+
+def test_fixed_config_env(monkeypatch):
+    # PYSPARSE_TRITON_FIXED_CONFIG=1 (the GPU check's correctness sections): no autotuning,
+    # the first config of the M bucket runs straight through the jitted kernel; same sums.
+    a, w = rand_i8(17, 130), rand_i8(40, 130)
+    ref = T.int8_mm_triton(a, w)
+    monkeypatch.setenv(T.FIXED_CONFIG_ENV, "1")
+    log = T.LAUNCH_LOG = []
+    try:
+        assert torch.equal(T.int8_mm_triton(a, w), ref)
+        x_scale, w_scale = torch.rand(17) + 0.01, torch.rand(40) + 0.01
+        y = T.int8_linear_triton(a, x_scale, w, w_scale, None, torch.float32)
+    finally:
+        T.LAUNCH_LOG = None
+    monkeypatch.delenv(T.FIXED_CONFIG_ENV)
+    assert torch.equal(y, T.int8_linear_triton(a, x_scale, w, w_scale, None, torch.float32))
+    assert [e[1]["fixed"] for e in log] == [True, True] and log[1][1]["EPILOGUE"] is True
+
+
+def test_gpu_configs_fixed_config_per_bucket():
+    # the first config of each bucket is the fixed one; every bucket has one
+    cfgs = T.gpu_configs()
+    for M in (1, 16, 17, 64, 65, 4096):
+        kept = T._prune(cfgs, {"M_BUCKET": T._m_bucket(M)})
+        assert kept and kept[0] is next(c for c in cfgs if c in kept)
+    assert len({str(c) for c in cfgs}) == len(cfgs)
