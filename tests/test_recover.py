@@ -400,3 +400,36 @@ def test_shadow_computes_what_the_int8_layer_does_and_requantizes_exactly(kind):
             assert torch.equal(a[k], b[k]), (kind, k)  # int8 weights, layouts: exact
         else:
             assert a[k] == b[k], (kind, k)
+
+
+def test_gradual_pruning_with_the_real_cubic_schedule(digits_mlp):
+    """recover steps a pysparse.prune.CubicSchedule after each optimizer step: the hidden layers reach
+    the final sparsity along the cubic, the masks hold (no pruned weight revives), and distillation
+    keeps the accuracy within 2 points of the teacher at 80% (one-shot 80% loses far more)."""
+    model, (xtr, ytr, xte, yte) = digits_mlp
+    base = accuracy(model, xte, yte)
+    student = copy.deepcopy(model)
+    hidden = ["2", "4"]
+    sched = pysparse.prune.CubicSchedule(student, 0.8, end_step=40, frequency=5, kind="unstructured",
+                                         skip=["0", "6"])
+    seen = []
+
+    class Watch:  # records the sparsity in force after every step, then steps the real schedule
+        def step(self):
+            s = sched.step()
+            seen.append(s)
+            return s
+
+    recover(student, model, loader(xtr, ytr), steps=60, lr=1e-3, prune_schedule=Watch(), progress=False)
+    assert sched.done and seen[-1] == pytest.approx(0.8)
+    assert all(a <= b + 1e-9 for a, b in zip(seen, seen[1:]))  # monotone, as the cubic
+    for name in hidden:
+        layer = dict(student.named_modules())[name]
+        assert get_mask(layer) is not None
+        zero = (layer.weight == 0).float().mean().item()
+        assert zero == pytest.approx(0.8, abs=0.01), (name, zero)
+    one_shot = copy.deepcopy(model)
+    pysparse.prune.unstructured(one_shot, 0.8, skip=["0", "6"], progress=False)
+    got, shot = accuracy(student, xte, yte), accuracy(one_shot, xte, yte)
+    print(f"\ngradual 80% + distillation {got:.2f}% vs one-shot {shot:.2f}% (teacher {base:.2f}%)")
+    assert got >= base - 2.0 and got > shot
