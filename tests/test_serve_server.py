@@ -160,3 +160,18 @@ def test_the_server_shuts_down_cleanly(loaded):
     assert app.state.batcher._task is None  # the collector stopped, the worker thread joined
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def test_the_importable_app_for_multi_worker_servers_reads_the_environment(model_file, monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.setenv("PYSPARSE_MODEL", str(model_file))
+    monkeypatch.setenv("PYSPARSE_ARCH", "tests.test_serve_server:make_mlp")
+    monkeypatch.setenv("PYSPARSE_MAX_BATCH", "8")
+    sys.modules.pop("examples.serve.app", None)
+    app = importlib.import_module("examples.serve.app").app
+    assert app.state.batcher.max_batch == 8
+    with running(app) as url:
+        r = httpx.post(url + "/predict", json={"inputs": [0.1] * D})
+    assert r.status_code == 200 and len(r.json()["outputs"]) == 10

@@ -139,26 +139,22 @@ def tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
-def verify_digests(path: str, header: Header, digests: dict[str, str]) -> None:
-    """Check each tensor's bytes in the file against its sha256 in the manifest (a corrupted
-    byte anywhere in the data region is caught here, before anything is loaded)."""
+def verify_tensors(path: str, header: Header, tensors: dict[str, torch.Tensor], digests: dict[str, str]) -> None:
+    """Check the tensors safetensors loaded against the header checked before (names, dtypes,
+    shapes) and each one's bytes against its sha256 in the manifest: a corrupted byte anywhere
+    in the data region is caught, and what is checked is what gets loaded (the file is not
+    read a second time)."""
+    if set(tensors) != set(header.tensors):
+        raise _bad(path, "the file changed while it was being loaded")
     missing = sorted(set(header.tensors) - set(digests))
     if missing:
         raise _bad(path, f"the manifest has no checksum for tensor(s) {missing[:5]}")
     extra = sorted(set(digests) - set(header.tensors))
     if extra:
         raise _bad(path, f"the manifest lists tensor(s) {extra[:5]} that the file does not hold")
-    with open(path, "rb") as f:
-        for e in sorted(header.tensors.values(), key=lambda t: t.begin):
-            f.seek(e.begin)
-            h = hashlib.sha256()
-            left = e.end - e.begin
-            while left:
-                chunk = f.read(min(left, 1 << 22))
-                if not chunk:
-                    raise _bad(path, f"tensor {e.name!r}: the file ends inside its data (truncated)")
-                h.update(chunk)
-                left -= len(chunk)
-            if h.hexdigest() != digests[e.name]:
-                raise _bad(path, f"tensor {e.name!r}: its bytes do not match the manifest's checksum "
-                                 "(corrupted data)")
+    for name, t in tensors.items():
+        e = header.tensors[name]
+        if t.dtype != e.dtype or tuple(t.shape) != e.shape:
+            raise _bad(path, "the file changed while it was being loaded")
+        if tensor_digest(t) != digests[name]:
+            raise _bad(path, f"tensor {name!r}: its bytes do not match the manifest's checksum (corrupted data)")

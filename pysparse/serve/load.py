@@ -11,7 +11,7 @@ from torch import nn
 
 from ..nn import CompactConv2d
 from . import compaction, manifest
-from .checks import read_header, verify_digests
+from .checks import read_header, verify_tensors
 from .manifest import ManifestError
 
 
@@ -96,7 +96,7 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
 
     Nothing from the file is executed or unpickled: the header is parsed and bounds-checked
     here first (checks.py), every tensor's sha256 is verified, every config checked, and the
-    tensors are loaded by safetensors only then. Raises ValueError naming what is wrong: a
+    tensors are loaded by safetensors only then (and checked against what the header said). Raises ValueError naming what is wrong: a
     truncated or corrupted file, a malformed or oversized header, offsets outside the file,
     unknown dtypes, an unknown format version or layer kind, a structure or shapes that do
     not fit ``model``, channel indices out of range.
@@ -106,7 +106,9 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
     path = os.fspath(path)
     header = read_header(path)
     man = manifest.parse(header.metadata, path)
-    verify_digests(path, header, man["digests"])
+    # the header is checked: safetensors reads nothing out of bounds now
+    sd: dict = load_file(path)
+    verify_tensors(path, header, sd, man["digests"])
     rec = compaction.check_record(man["compaction"]) if man["compaction"] is not None else None
     work = copy.deepcopy(model)
     if rec is not None:
@@ -117,7 +119,6 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
         diff = sorted(n for n in set(tree) | set(man["tree"]) if tree.get(n) != man["tree"].get(n))
         raise ManifestError(f"the rebuilt model's structure differs from the saved one at {diff[:5]} (model: "
                             f"{[tree.get(n) for n in diff[:5]]}, file: {[man['tree'].get(n) for n in diff[:5]]})")
-    sd: dict = load_file(path)
     for k, v in man["extra_state"].items():
         if k in sd:
             raise ManifestError(f"{k}: both a tensor and manifest state")
