@@ -95,11 +95,12 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
     any other).
 
     Nothing from the file is executed or unpickled: the header is parsed and bounds-checked
-    here first (checks.py), every tensor's sha256 is verified, every config checked, and the
-    tensors are loaded by safetensors only then (and checked against what the header said). Raises ValueError naming what is wrong: a
-    truncated or corrupted file, a malformed or oversized header, offsets outside the file,
-    unknown dtypes, an unknown format version or layer kind, a structure or shapes that do
-    not fit ``model``, channel indices out of range.
+    here first (checks.py), and only then does safetensors read the tensors; what it read is
+    checked against the header and each tensor's sha256 in the manifest, every config is
+    checked before its layer is built. Raises ValueError naming what is wrong: a truncated or
+    corrupted file, a malformed or oversized header, offsets outside the file, unknown dtypes,
+    an unknown format version or layer kind, a structure or shapes that do not fit
+    ``model``, channel indices out of range.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -107,10 +108,13 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
     header = read_header(path)
     man = manifest.parse(header.metadata, path)
     # the header is checked: safetensors reads nothing out of bounds now
-    sd: dict = load_file(path)
+    try:
+        sd: dict = load_file(path)
+    except Exception as e:  # the checks above passed: the file changed under us, or safetensors disagrees
+        raise ValueError(f"{path}: safetensors could not read the tensors ({e})") from None
     verify_tensors(path, header, sd, man["digests"])
     rec = compaction.check_record(man["compaction"]) if man["compaction"] is not None else None
-    work = copy.deepcopy(model)
+    work = copy.deepcopy(model).cpu()  # built and loaded on the CPU; move the result where it runs
     if rec is not None:
         work = compaction.rebuild(work, rec)
     _replace_layers(work, man["modules"], header.tensors)

@@ -252,7 +252,7 @@ def _str_map(where: str, d: Any, check_value) -> dict:
     return d
 
 
-def check_inputs(where: str, inputs: Any, max_numel: int = 1 << 26) -> Optional[list]:
+def check_inputs(where: str, inputs: Any, max_numel: int = 1 << 24) -> Optional[list]:
     """[{"shape": [...], "dtype": name}] checked: torch dtypes by name, small enough to build."""
     if inputs is None:
         return None
