@@ -4,6 +4,7 @@ while a kernel runs, so two threads on two cores overlap).
 
 The model mixes every CPU kernel family: Int8Conv2d, CompactConv2d, BsrLinear (fp32
 blocks), BsrInt8Linear and Int8Linear."""
+import math
 import os
 import threading
 import time
@@ -14,6 +15,7 @@ from torch import nn
 
 from pysparse.nn import BlockSparseLinear, BsrInt8Linear, BsrLinear, CompactConv2d, Int8Conv2d, Int8Linear
 from pysparse import formats
+from pysparse.bench.machine import cpu_busy_fraction
 
 
 def _block_pruned(lin, block, keep=0.5):
@@ -121,7 +123,7 @@ def _max_gap_ms(f, x, calls=3):
 
 
 def _heavy(op):
-    """One layer of the op's family and an input that takes it ~100 ms on one core."""
+    """One layer of the op's family and an input (~100 ms on one core of a loaded machine)."""
     torch.manual_seed(2)
     if op == "int8_linear":
         return Int8Linear.from_float(nn.Linear(2048, 2048)), torch.randn(256, 2048)
@@ -147,6 +149,9 @@ def test_every_kernel_releases_the_gil(op):
     torch.set_num_threads(1)
     try:
         call = _call_ms(layer, x)
+        if call < 150:  # a quiet machine runs the call faster: grow the batch to ~150 ms per call
+            x = torch.cat([x] * min(64, math.ceil(150 / max(call, 1e-3))))
+            call = _call_ms(layer, x)
         gap = min(_max_gap_ms(layer, x) for _ in range(3))
     finally:
         torch.set_num_threads(before)
@@ -179,7 +184,8 @@ def _ratio(m, x, calls):
 def test_two_threads_on_two_cores_run_faster_than_one():
     # This machine is shared: another process may hold the second core at any moment. So:
     # best of up to 5 tries, a modest 1.2x bar (2x is the ideal), and if even the best try misses
-    # it while the load average shows the cores busy, skip (say why) rather than fail.
+    # it while other processes hold the CPUs (/proc/stat, our own time excluded), skip (say
+    # why) rather than fail. Measured on a quiet moment of this 2-core machine: 1.5x-2.0x.
     m = Heavy().eval()
     x = torch.randn(64, 1024)
     before = torch.get_num_threads()
@@ -193,7 +199,7 @@ def test_two_threads_on_two_cores_run_faster_than_one():
     finally:
         torch.set_num_threads(before)
     if best < 1.2:
-        load = os.getloadavg()[0]
-        if load > (os.cpu_count() or 2) - 1:
-            pytest.skip(f"two threads were only {best:.2f}x one, but the machine is busy (load {load:.1f})")
+        busy = max(cpu_busy_fraction(0.5) or 0.0 for _ in range(2))  # other processes' share of the CPUs
+        if busy > 0.2:
+            pytest.skip(f"two threads were only {best:.2f}x one, but other processes held {busy:.0%} of the CPUs")
     assert best >= 1.2, f"two threads on two cores ran only {best:.2f}x as fast as one (the GIL held?)"
