@@ -7,11 +7,12 @@ VPY := $(VENV)/bin/python
 # the +cpu local version never resolves to PyPI's multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0+cpu
 DEPS := numpy tqdm pytest pytest-benchmark hypothesis scikit-learn triton torchao matplotlib \
-        ninja setuptools wheel expecttest safetensors onnx onnxruntime onnxscript
+        ninja setuptools wheel expecttest safetensors onnx onnxruntime onnxscript pyyaml \
+        fastapi uvicorn httpx
 # Torch-Pruning is a benchmark peer; --no-deps so its torch requirement can never pull another torch.
 NODEPS := torch-pruning
 
-.PHONY: setup build test demo bench bench-kernels benchmarks gpu-check gpu-check-dry gpu-check-aot cross-aarch64 clean
+.PHONY: setup build test demo bench bench-kernels benchmarks gpu-check gpu-check-dry gpu-check-aot cross-aarch64 sanitize clean
 
 $(VPY):
 	$(PY) -m venv --system-site-packages $(VENV)
@@ -80,6 +81,12 @@ gpu-check-dry: setup
 # (skipped, with the reason, where Triton's CUDA backend or ptxas is missing).
 gpu-check-aot: setup
 	env -u TRITON_INTERPRET PYTHONPATH=$(CURDIR) $(VPY) scripts/aot_compile_check.py
+
+# AddressSanitizer + UndefinedBehaviorSanitizer: the extension built instrumented in
+# build/sanitize (a copy; the normal build is untouched), the CPU tests run with libasan
+# preloaded. Not part of `make test` (the instrumented build takes 10+ minutes on 2 cores).
+sanitize: setup
+	PY=$(VPY) SANITIZE_JOBS=2 scripts/sanitize.sh
 
 # The build off x86-64: cross-compile the torch-free kernel units (the scalar kernels, CPU
 # feature detection, the dispatch policy) for aarch64 with Debian's cross compiler, and

@@ -4,7 +4,9 @@ Public API: ``quantize_int8``, ``sparsify`` and ``compact`` (model conversion), 
 (unstructured, block, 2:4 and filter pruning with masks; criteria; sensitivity analysis; gradual
 schedules), ``recover`` (distillation fine-tuning, QAT for int8 students), ``compress`` (a recipe
 of steps in one call, with a measured report), ``plan`` (per-layer formats from latency measured on
-this machine and the accuracy budget), ``pysparse.nn`` (the layers),
+this machine and the accuracy budget), ``save`` / ``load`` (one safetensors file per compressed
+model, rebuilt into a fresh instance of its architecture without pickle; ``pysparse.serve``),
+``pysparse.nn`` (the layers),
 ``cpu_info`` (what this CPU has and which kernel each op uses), ``set_cpu_isa`` / ``cpu_isa``
 and ``set_cpu_bf16`` / ``cpu_bf16`` (switch the CPU path at run time), and the ops in the
 ``torch.ops.pysparse`` namespace (see pysparse.ops), with pure-PyTorch references in
@@ -24,6 +26,8 @@ from .sparsify import plan_report, sparsify
 from .recover import distillation_loss, recalibrate_batchnorm, recover
 from .plan import Plan, plan
 from .compress import CompressReport, compress
+from . import serve
+from .serve import load, save
 
 __version__ = "0.1.0"
 

@@ -32,6 +32,7 @@ from .._depgraph import (ChannelGraph, ChannelGraphError, ChannelGroup, NotTrace
 from ._fold import fold_batchnorm, to_channels_last
 from ._keep import channel_zeros, keep_sets
 from ._partial import live_outputs, use_compact_conv2d
+from ._record import RECORD_KEY, record
 from ._slice import apply, plan, rewrite
 
 __all__ = ["compact", "channel_groups", "ChannelGroup", "ChannelGraphError", "NotTraceableError"]
@@ -93,6 +94,7 @@ def compact(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch
         keep = keep_sets(g, zeros)
         planned = plan(g, keep)
         live = live_outputs(g, zeros, keep) if compact_conv2d else {}
+        rec = record(g, zeros, inputs, fold_bn=fold_bn, channels_last=channels_last, compact_conv2d=compact_conv2d)
     # -- from here on the (copied) model changes
     _remove_parametrizations(work)
     apply(g, planned)
@@ -110,6 +112,7 @@ def compact(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch
         got = _shape_of(gm(*inputs))
     if got != ref_shape:  # a bookkeeping bug must never hand back a wrong model silently
         raise AssertionError(f"pysparse internal: the compacted model returns shape {got}, the model {ref_shape}")
+    gm.meta[RECORD_KEY] = rec  # what pysparse.serve.save records to rebuild it from a fresh model
     return gm
 
 

@@ -4,8 +4,8 @@
 JSON manifest (structure, layer configs, kept channels of a compacted model, checksums,
 versions); ``load(path, model)`` rebuilds the compressed model from a freshly built instance
 of its architecture without pickle or code from the file, and returns it (the given instance
-is never modified). ``compact`` is ``pysparse.compact`` that records what save needs to
-rebuild a compacted model. ``load_manifest(path)`` reads the checked manifest alone.
+is never modified). ``pysparse.compact`` records in its result what save needs to rebuild a
+compacted model (``compact`` here is the same call, kept for older code). ``load_manifest(path)`` reads the checked manifest alone.
 
 An HTTP server with dynamic batching on top of these is in examples/serve/.
 """

@@ -29,53 +29,30 @@ from torch import fx, nn
 from .._depgraph import _as_tuple, build_graph
 from ..compact import compact as _compact
 from ..compact._keep import channel_zeros
+from ..compact._record import LAYERS, RECORD_KEY, out_channels
+from ..compact._record import record as _record
 from .manifest import INPUT_DTYPES, ManifestError, check_inputs, describe_inputs
 
-RECORD_KEY = "pysparse_compact"
-_LAYERS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
-
-
-def _channels(m: nn.Module) -> int:
-    if isinstance(m, nn.Linear):
-        return m.out_features
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        return m.num_features
-    return m.out_channels
+_LAYERS = LAYERS
+_channels = out_channels
 
 
 def record(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.Tensor]], *, fold_bn: bool = True,
-           channels_last: bool = True) -> dict:
-    """The compaction record of a pruned model (before compaction; nothing of it changes)."""
+           channels_last: bool = True, compact_conv2d: bool = True) -> dict:
+    """The compaction record of a pruned model (before compaction; nothing of it changes): what
+    ``pysparse.compact`` attaches to its result as ``gm.meta[RECORD_KEY]``."""
     inputs = _as_tuple(example_inputs)
     g = build_graph(model, inputs)
     with torch.no_grad():
         z = channel_zeros(g)
-    live = {}
-    for name, calls in g.calls.items():
-        mod = g.modules[name]
-        if not isinstance(mod, _LAYERS):
-            continue
-        pats = [z.get(n) for n in calls]
-        pats = [p for p in pats if isinstance(p, torch.Tensor)]
-        if not pats:
-            continue
-        if any(not torch.equal(p, pats[0]) for p in pats[1:]):
-            raise ValueError(f"layer {name!r} is called {len(calls)} times with different zero channels: "
-                             "pysparse.serve cannot record its compaction")
-        live[name] = {"channels": int(pats[0].numel()), "kept": (~pats[0]).nonzero().flatten().tolist()}
-    return {"fold_bn": bool(fold_bn), "channels_last": bool(channels_last), "inputs": describe_inputs(inputs),
-            "live": live, "graph_sha256": None}
+    return _record(g, z, inputs, fold_bn=fold_bn, channels_last=channels_last, compact_conv2d=compact_conv2d)
 
 
 def compact(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.Tensor]], *, fold_bn: bool = True,
-            channels_last: bool = True) -> fx.GraphModule:
-    """``pysparse.compact(model, example_inputs, ...)`` that also records what
-    ``pysparse.serve.save`` needs to rebuild the result from a fresh model (the model is not
-    changed). Until pysparse.compact attaches the record itself, compact with this to save."""
-    rec = record(model, example_inputs, fold_bn=fold_bn, channels_last=channels_last)
-    gm = _compact(model, example_inputs, fold_bn=fold_bn, channels_last=channels_last)
-    gm.meta[RECORD_KEY] = rec
-    return gm
+            channels_last: bool = True, compact_conv2d: bool = True) -> fx.GraphModule:
+    """``pysparse.compact`` (kept for code written against it: pysparse.compact now attaches the
+    record ``save`` needs itself)."""
+    return _compact(model, example_inputs, fold_bn=fold_bn, channels_last=channels_last, compact_conv2d=compact_conv2d)
 
 
 def graph_digest(gm: fx.GraphModule) -> str:
@@ -85,11 +62,13 @@ def graph_digest(gm: fx.GraphModule) -> str:
 
 def check_record(rec: Any) -> dict:
     """A compaction record from a file, every field checked (ManifestError names it)."""
-    want = {"fold_bn", "channels_last", "inputs", "live", "graph_sha256"}
+    want = {"fold_bn", "channels_last", "compact_conv2d", "inputs", "live", "graph_sha256", "unreplayable"}
     if not isinstance(rec, dict) or set(rec) != want:
         raise ManifestError(f"manifest compaction: fields must be {sorted(want)}, got "
                             f"{sorted(rec) if isinstance(rec, dict) else type(rec).__name__}")
-    for k in ("fold_bn", "channels_last"):
+    if rec["unreplayable"] is not None:
+        raise ManifestError(f"manifest compaction: layer {rec['unreplayable']!r:.80} was marked unreplayable")
+    for k in ("fold_bn", "channels_last", "compact_conv2d"):
         if not isinstance(rec[k], bool):
             raise ManifestError(f"manifest compaction: {k} must be true or false")
     if check_inputs("compaction.inputs", rec["inputs"]) is None:
@@ -160,7 +139,8 @@ def rebuild(work: nn.Module, rec: dict) -> fx.GraphModule:
     _give_zero_pattern(work, rec["live"])
     inputs = tuple(torch.zeros(e["shape"], dtype=INPUT_DTYPES[e["dtype"]]) for e in rec["inputs"])
     try:
-        gm = _compact(work, inputs, fold_bn=rec["fold_bn"], channels_last=rec["channels_last"], inplace=True)
+        gm = _compact(work, inputs, fold_bn=rec["fold_bn"], channels_last=rec["channels_last"], inplace=True,
+                      compact_conv2d=rec["compact_conv2d"])
     except (RuntimeError, TypeError, IndexError, AssertionError) as e:
         raise ManifestError(f"rebuilding the compacted model from the given one failed ({type(e).__name__}: "
                             f"{e}); the file's compaction does not fit this architecture") from None

@@ -53,8 +53,8 @@ def save(model: nn.Module, path: Union[str, os.PathLike], *,
     (``load_manifest(path)["inputs"]``; the example server checks requests against them).
 
     Written to a temporary file beside ``path`` and renamed, so a crash never leaves half a
-    file. Raises ValueError for a GraphModule that carries no compaction record (compact it
-    with ``pysparse.serve.compact``) or for state that is neither a tensor nor plain JSON.
+    file. Raises ValueError for a GraphModule that carries no compaction record (one that
+    ``pysparse.compact`` did not make) or for state that is neither a tensor nor plain JSON.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -63,8 +63,11 @@ def save(model: nn.Module, path: Union[str, os.PathLike], *,
         rec = model.meta.get(compaction.RECORD_KEY)
         if rec is None:
             raise ValueError("model is a torch.fx.GraphModule without a compaction record: a graph cannot be "
-                             "saved without pickling code. If it comes from pysparse.compact, compact with "
-                             "pysparse.serve.compact (same arguments), which records the kept channels")
+                             "saved without pickling code; pysparse.compact records the kept channels its "
+                             "result needs to be rebuilt, other graphs cannot be saved")
+        if rec.get("unreplayable"):
+            raise ValueError(f"layer {rec['unreplayable']!r} of the compacted model was called more than once with "
+                             "different zero channels: its compaction cannot be rebuilt from one pattern")
         rec = compaction.attach_digest(rec, model)
     inputs = manifest.describe_inputs(_as_tuple(example_inputs)) if example_inputs is not None else None
     modules, tree = _structure(model)
