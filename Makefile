@@ -86,7 +86,7 @@ gpu-check-aot: setup
 # build/sanitize (a copy; the normal build is untouched), the CPU tests run with libasan
 # preloaded. Not part of `make test` (the instrumented build takes 10+ minutes on 2 cores).
 sanitize: setup
-	PY=$(VPY) SANITIZE_JOBS=2 scripts/sanitize.sh
+	PY=$(abspath $(VPY)) SANITIZE_JOBS=2 scripts/sanitize.sh
 
 # The build off x86-64: cross-compile the torch-free kernel units (the scalar kernels, CPU
 # feature detection, the dispatch policy) for aarch64 with Debian's cross compiler, and
