@@ -13,6 +13,7 @@ namespace cpu {
 namespace {
 struct Avx2Vec {
   using T = __m256;
+  static constexpr bool kExpand8 = true;
   static constexpr int L = 8;
   static T zero() { return _mm256_setzero_ps(); }
   static T load(const float* p) { return _mm256_loadu_ps(p); }
@@ -24,8 +25,9 @@ struct Avx2Vec {
 };
 }  // namespace
 
-void compact_conv2d_f32_avx2(const CompactConvArgs& a, int64_t p0, int64_t p1, const float** rows) {
-  conv_detail::run<Avx2Vec, 6, 1>(a, p0, p1, rows);
+void compact_conv2d_f32_avx2(const CompactConvArgs& a, int64_t p0, int64_t p1, const float** rows,
+                             float* tmp) {
+  conv_detail::run<Avx2Vec, 6, 1>(a, p0, p1, rows, tmp);
 }
 
 }  // namespace cpu
