@@ -24,7 +24,7 @@ namespace cpu {
 // One k row of a panel is 16 floats = 64 bytes: one zmm, or two ymm.
 constexpr int64_t kConvPanel = 16;
 // Pixel chunks handed to the kernels start at multiples of this (the row tiles: scalar 4,
-// AVX2 6, AVX-512 12).
+// AVX2 3 or 6, AVX-512 12).
 constexpr int64_t kConvRowAlign = 12;
 constexpr int64_t kConvMaxChunk = 96;  // largest chunk (pixels) the kernels accept
 

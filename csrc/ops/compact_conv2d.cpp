@@ -130,7 +130,7 @@ Tensor compact_conv2d(const Tensor& x, const Tensor& weight, const std::optional
   const int64_t macs = M * KH * KW * Cin * std::max<int64_t>(Cout, 1);
   const int64_t tiles = (M + A - 1) / A;
   const int64_t T = macs < 50000 ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
-  // Chunk: 96 pixels (8 tiles of 12, 16 AVX2 tiles of 6) share each panel pass's weights
+  // Chunk: 96 pixels (8 tiles of 12, 16 or 32 AVX2 tiles of 6 or 3) share each panel pass's weights
   // from L1/L2 and their row addresses; smaller only when a thread has fewer pixels.
   const int64_t per = (tiles + T - 1) / T * A;
   a.chunk = std::min<int64_t>(cpu::kConvMaxChunk, per);
