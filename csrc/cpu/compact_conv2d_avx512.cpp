@@ -12,6 +12,7 @@ namespace cpu {
 namespace {
 struct Avx512Vec {
   using T = __m512;
+  static constexpr bool kExpand8 = false;
   static constexpr int L = 16;
   static T zero() { return _mm512_setzero_ps(); }
   static T load(const float* p) { return _mm512_loadu_ps(p); }
@@ -23,8 +24,9 @@ struct Avx512Vec {
 };
 }  // namespace
 
-void compact_conv2d_f32_avx512(const CompactConvArgs& a, int64_t p0, int64_t p1, const float** rows) {
-  conv_detail::run<Avx512Vec, 12, 2>(a, p0, p1, rows);
+void compact_conv2d_f32_avx512(const CompactConvArgs& a, int64_t p0, int64_t p1, const float** rows,
+                               float* tmp) {
+  conv_detail::run<Avx512Vec, 12, 2>(a, p0, p1, rows, tmp);
 }
 
 }  // namespace cpu

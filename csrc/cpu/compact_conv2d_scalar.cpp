@@ -11,6 +11,7 @@ namespace cpu {
 namespace {
 struct ScalarVec {
   using T = float;
+  static constexpr bool kExpand8 = false;
   static constexpr int L = 1;
   static T zero() { return 0.f; }
   static T load(const float* p) { return *p; }
@@ -23,8 +24,9 @@ struct ScalarVec {
 }  // namespace
 
 // 4 rows x 16 columns: 64 accumulators (the compiler spills; this path is for CPUs without AVX2).
-void compact_conv2d_f32_scalar(const CompactConvArgs& a, int64_t p0, int64_t p1, const float** rows) {
-  conv_detail::run<ScalarVec, 4, 1>(a, p0, p1, rows);
+void compact_conv2d_f32_scalar(const CompactConvArgs& a, int64_t p0, int64_t p1, const float** rows,
+                               float* tmp) {
+  conv_detail::run<ScalarVec, 4, 1>(a, p0, p1, rows, tmp);
 }
 
 }  // namespace cpu

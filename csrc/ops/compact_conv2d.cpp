@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "../cpu/compact_conv2d.h"
@@ -128,16 +130,29 @@ Tensor compact_conv2d(const Tensor& x, const Tensor& weight, const std::optional
   const int64_t macs = M * KH * KW * Cin * std::max<int64_t>(Cout, 1);
   const int64_t tiles = (M + A - 1) / A;
   const int64_t T = macs < 50000 ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
-  // Chunk: 96 pixels (8 tiles of 12, 16 AVX2 tiles of 6) share each panel pass's weights
+  // Chunk: 96 pixels (8 tiles of 12, 16 or 32 AVX2 tiles of 6 or 3) share each panel pass's weights
   // from L1/L2 and their row addresses; smaller only when a thread has fewer pixels.
   const int64_t per = (tiles + T - 1) / T * A;
   a.chunk = std::min<int64_t>(cpu::kConvMaxChunk, per);
   const int64_t nrows = a.chunk * KH * KW;
   std::vector<const float*> rows(size_t(T * nrows));
+  // each thread's chunk results before the scatter (uninitialized: every read is written first)
+  const int64_t ntmp = a.chunk * cpu::conv_tmp_ld(Cout);
+  std::unique_ptr<float[]> tmpbuf(new float[size_t(T * ntmp + 16)]);
+  float* tmp0 = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tmpbuf.get()) + 63) & ~uintptr_t(63));
+  // the vector scatter's tables (8 output channels per permute); null when out_idx does not allow it
+  const int64_t nblk = (out_channels + 7) / 8;
+  std::vector<int32_t> xsrc(static_cast<size_t>(nblk)), xperm(static_cast<size_t>(nblk * 8)),
+      xmask(static_cast<size_t>(nblk * 8));
+  if (cpu::conv_expand_tables(oi.data(), Cout, out_channels, xsrc.data(), xperm.data(), xmask.data())) {
+    a.xsrc = xsrc.data();
+    a.xperm = xperm.data();
+    a.xmask = xmask.data();
+  }
   at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t p0 = std::min(M, t * per), p1 = std::min(M, (t + 1) * per);
-      if (p0 < p1) fn(a, p0, p1, rows.data() + t * nrows);
+      if (p0 < p1) fn(a, p0, p1, rows.data() + t * nrows, tmp0 + t * ntmp);
     }
   });
   return out;
