@@ -44,10 +44,12 @@ class CompressReport:
 
     @property
     def metric_before(self) -> Optional[float]:
+        """eval_fn of the original model (None without eval_fn)."""
         return self.records[0].metric
 
     @property
     def metric_after(self) -> Optional[float]:
+        """eval_fn of the compressed model (None without eval_fn)."""
         return self.records[-1].metric
 
     @property

@@ -91,18 +91,22 @@ class Plan:
     # ------------------------------------------------------------------ the figures
     @property
     def choices(self) -> dict[str, str]:
+        """{layer name: chosen format} for every planned layer."""
         return {r.name: r.chosen for r in self.layers}
 
     @property
     def saved_ms(self) -> float:
+        """Milliseconds per model call the chosen formats save, summed over layers (x calls)."""
         return sum(r.saved_ms(self.dense_model_ms) for r in self.layers)
 
     @property
     def predicted_ms(self) -> float:
+        """The dense model's time minus what the choices save."""
         return self.dense_model_ms - self.saved_ms
 
     @property
     def predicted_speedup(self) -> float:
+        """dense model time / (dense model time - saved time)."""
         left = self.predicted_ms
         # the layers' savings were timed apart from the model: if they add up to more than the
         # whole model took (noise), the prediction is unbounded; say so rather than divide by ~0
@@ -116,6 +120,7 @@ class Plan:
 
     # ------------------------------------------------------------------ the table
     def report(self) -> str:
+        """The per-layer table (ms per format, predicted loss, the choice) and the headline figures."""
         fmts: list[str] = []
         for r in self.layers:
             fmts += [f for f in r.ms if f not in fmts]
@@ -156,16 +161,19 @@ class Plan:
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict:
+        """Plain types, for JSON."""
         return {"version": JSON_VERSION, "dense_model_ms": self.dense_model_ms, "budget": self.budget,
                 "baseline_metric": self.baseline_metric, "predicted_speedup": self.predicted_speedup,
                 "notes": self.notes, "machine": self.machine, "layers": [asdict(r) for r in self.layers]}
 
     def to_json(self, path: str) -> None:
+        """Write the plan as JSON (``Plan.from_json`` reads it back)."""
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=1)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
+        """A plan back from ``to_dict()``."""
         if not isinstance(d, dict) or d.get("version") != JSON_VERSION:
             raise ValueError(f"not a pysparse plan (version {JSON_VERSION}): {str(d)[:80]!r}")
         layers = [LayerPlan(**r) for r in d["layers"]]
@@ -178,6 +186,7 @@ class Plan:
 
     @classmethod
     def from_json(cls, path: str) -> "Plan":
+        """A plan back from ``to_json``'s file."""
         with open(path) as f:
             return cls.from_dict(json.load(f))
 
