@@ -25,7 +25,7 @@ LAYERS: list[list[str]] = [
     ["pysparse.formats"],
     ["pysparse.ops", "pysparse._cuda_ops", "pysparse._cuda_bsr", "pysparse.ops_conv", "pysparse.ops_int8conv"],
     ["pysparse.nn"],
-    ["pysparse._modules", "pysparse._depgraph", "pysparse._timing"],
+    ["pysparse._modules", "pysparse._depgraph", "pysparse._timing", "pysparse._metric"],
     ["pysparse.prune"],
     ["pysparse.compact", "pysparse.quantize", "pysparse.sparsify"],
     ["pysparse.recover"],  # distillation: compress chains it as a step

@@ -6,6 +6,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .._metric import evaluate_metric
 from .._timing import clock, interleaved_ms
 from ..nn import BlockSparseLinear, CompactConv2d, Int8Conv2d, Int8Linear
 
@@ -152,17 +153,6 @@ def layer_kinds(model: nn.Module) -> list[dict]:
 
 
 def evaluate(eval_fn: Callable[[nn.Module], Any], model: nn.Module, where: str) -> float:
-    """eval_fn(model) as a float, with a clear error naming eval_fn when it raises or returns a non-number."""
-    was_training = model.training
-    model.eval()
-    try:
-        v = eval_fn(model)
-    except Exception as e:
-        raise RuntimeError(f"eval_fn raised {type(e).__name__} on the model {where}: {e}") from e
-    finally:
-        model.train(was_training)
-    if isinstance(v, torch.Tensor) and v.numel() == 1:
-        v = v.item()
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-        raise ValueError(f"eval_fn must return a number (the metric, higher is better), got {v!r} {where}")
-    return float(v)
+    """eval_fn(model) in eval mode as a finite float (the model's train/eval flags restored), with
+    a clear error naming eval_fn when it raises or returns a non-number."""
+    return evaluate_metric(eval_fn, model, where, eval_mode=True)

@@ -74,7 +74,7 @@ def _prune(model: nn.Module, step: Prune, data: Any, loss_fn: Optional[Callable]
             kw["levels"] = step.levels
         if step.kind == "filters":
             kw["example_inputs"] = args
-        table = prune.sensitivity(model, lambda m: measure.evaluate(eval_fn, m, "in a sensitivity trial"), **kw)
+        table = prune.sensitivity(model, lambda m: measure.evaluate(eval_fn, m, "a sensitivity trial"), **kw)
         per_layer = table.allocate(target)
         amount = target
     if step.kind == "unstructured":
@@ -110,7 +110,7 @@ def _apply(model: nn.Module, step: Step, teacher: nn.Module, data: Any, loss_fn:
 
 def _record(name: str, model: nn.Module, args: tuple, eval_fn: Optional[Callable], reps: int,
             seconds: float = 0.0, per_layer: Optional[dict] = None) -> StepRecord:
-    metric = measure.evaluate(eval_fn, model, f"after '{name}'") if eval_fn is not None else None
+    metric = measure.evaluate(eval_fn, model, "the model as given" if name == "original" else f"the model after '{name}'") if eval_fn is not None else None
     ms = measure.latencies_ms([model], args, rounds=max(3, reps // 3))[0]
     return StepRecord(step=name, metric=metric, size_bytes=measure.size_bytes(model),
                       nonzero_weights=measure.nonzero_weights(model), macs=measure.macs(model, args), latency_ms=ms,

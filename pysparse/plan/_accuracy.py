@@ -4,32 +4,19 @@ so plan runs its own trials). A precomputed block-granularity SensitivityTable a
 "bsr:<density>" trials it holds."""
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from .. import _modules
+from .._metric import evaluate_metric
 from ._formats import parse
 
 
 def metric(eval_fn: Callable[[nn.Module], Any], model: nn.Module, what: str) -> float:
     """eval_fn(model) as a finite float; errors name ``what`` was being evaluated."""
-    try:
-        v = eval_fn(model)
-    except Exception as e:
-        raise RuntimeError(f"eval_fn raised while evaluating {what}: {type(e).__name__}: {e}") from e
-    if isinstance(v, torch.Tensor) and v.numel() == 1:
-        v = v.item()
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"eval_fn must return a number (higher is better), got {type(v).__name__} {v!r} "
-                        f"while evaluating {what}")
-    v = float(v)
-    if not math.isfinite(v):
-        raise ValueError(f"eval_fn returned {v} while evaluating {what}; it must be a finite number")
-    return v
+    return evaluate_metric(eval_fn, model, what)
 
 
 def from_table(table: Any, layer: str, fmt: str) -> Optional[float]:

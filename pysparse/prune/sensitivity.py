@@ -8,8 +8,6 @@ buffer back afterwards, so the model ends bitwise as given, also when eval_fn ra
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
@@ -17,6 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .. import _depgraph, _modules
+from .._metric import evaluate_metric as _evaluate
 from ._calib import check_data, gradient_stats, leaf_weight
 from ._table import SensitivityTable
 from .block import block_masks, check_block
@@ -37,22 +36,6 @@ def _check_levels(levels) -> tuple[float, ...]:
     if not vals or any(v <= 0 for v in vals):
         raise ValueError(f"levels must be a non-empty sequence of numbers in (0, 1), got {levels!r}")
     return tuple(sorted(set(vals)))
-
-
-def _evaluate(eval_fn: Callable, model: nn.Module, where: str) -> float:
-    """eval_fn(model) as a finite float; an error naming eval_fn (and the trial) otherwise."""
-    try:
-        v = eval_fn(model)
-    except Exception as e:
-        raise RuntimeError(f"eval_fn raised {type(e).__name__} ({where}): {e}") from e
-    if isinstance(v, torch.Tensor) and v.numel() == 1:
-        v = v.item()
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"eval_fn must return a number, got {type(v).__name__} {v!r} ({where})")
-    v = float(v)
-    if not math.isfinite(v):
-        raise ValueError(f"eval_fn returned {v} ({where}); it must return a finite number")
-    return v
 
 
 class _Snapshot:
