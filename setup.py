@@ -43,6 +43,11 @@ X86_SOURCES = {
     "csrc/cpu/int8_conv2d_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
     "csrc/cpu/int8_linear_amx.cpp": ["-mamx-tile", "-mamx-int8", "-mavx512f", "-mavx512bw",
                                      "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c"],
+    # register-only peak loops (csrc/cpu/peak.h), one unit per ISA
+    "csrc/cpu/peak_avx2.cpp": ["-mavx2", "-mfma"],
+    "csrc/cpu/peak_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma"],
+    "csrc/cpu/peak_avx512bf16.cpp": ["-mavx512bf16", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"],
+    "csrc/cpu/peak_amx.cpp": ["-mamx-tile", "-mamx-int8", "-mamx-bf16"],
 }
 
 
@@ -79,7 +84,7 @@ ext = CppExtension(
     "pysparse._C",
     sources=["csrc/ops/registry.cpp", "csrc/ops/int8_linear.cpp", "csrc/ops/bsr_linear.cpp",
              "csrc/ops/compact_conv2d.cpp", "csrc/cpu/cpu_features.cpp", "csrc/cpu/dispatch.cpp",
-             "csrc/ops/int8_conv2d.cpp"],
+             "csrc/ops/int8_conv2d.cpp", "csrc/cpu/peak.cpp"],
     include_dirs=[os.path.join(ROOT, "csrc")],
     # -fopenmp: this torch's at::parallel_for is OpenMP, inlined from headers; without the
     # flag it silently runs on one thread (measured: cpu/wall 0.99 with 2 threads set).

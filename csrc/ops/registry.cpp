@@ -10,6 +10,7 @@
 
 #include "../cpu/cpu_features.h"
 #include "../cpu/dispatch.h"
+#include "../cpu/peak.h"
 
 TORCH_LIBRARY(pysparse, m) {
   // Pack int8 weights w [N, K] once into the kernels' tile layout; returns (packed, colsum).
@@ -156,4 +157,53 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa_cap", &cpu_isa_cap, "The current cap (None: none)");
   m.def("set_cpu_bf16", &set_cpu_bf16, py::arg("mode"), "Force (True/False) or measure (None) the bf16 choice");
   m.def("cpu_bf16_mode", &cpu_bf16_mode, "The current bf16 mode (None: measured)");
+  // Register-only instruction peaks (csrc/cpu/peak.h), for the benchmark harness
+  // (pysparse/bench/peak.py): hardware figures, not ops, so no schema.
+  m.def(
+      "peak_instructions",
+      [] {
+        py::list out;
+        for (int i = 0; i < kNumPeakInstrs; ++i) {
+          const PeakInstr& p = peak_instr(i);
+          py::dict d;
+          d["name"] = p.name;
+          d["instruction"] = p.instruction;
+          d["kind"] = p.kind;
+          d["macs_per_instruction"] = p.macs_per_instr;
+          d["available"] = peak_available(i);
+          out.append(d);
+        }
+        return out;
+      },
+      "The register-only peak loops: name, instruction, kind (int8/bf16/fp32), MACs per instruction, "
+      "whether this CPU (and OS) runs it");
+  m.def(
+      "measure_peak",
+      [](const std::string& name, int threads, double target_ms, int reps) {
+        int idx = -1;
+        for (int i = 0; i < kNumPeakInstrs; ++i)
+          if (name == peak_instr(i).name) idx = i;
+        if (idx < 0) throw py::value_error("measure_peak: no peak loop named '" + name + "'");
+        const PeakRun r = value_errors([&] {
+          py::gil_scoped_release nogil;  // seconds of loops on other threads
+          return measure_peak(idx, threads, target_ms, reps);
+        });
+        py::dict d;
+        d["name"] = name;
+        d["threads"] = r.threads;
+        d["iters"] = r.iters;
+        d["macs_per_thread"] = r.macs_per_thread;
+        py::list wall, slow, fast;
+        for (int k = 0; k < r.reps; ++k) {
+          wall.append(r.wall_s[k]);
+          slow.append(r.slowest_s[k]);
+          fast.append(r.fastest_s[k]);
+        }
+        d["wall_s"] = wall;
+        d["slowest_thread_s"] = slow;
+        d["fastest_thread_s"] = fast;
+        return d;
+      },
+      py::arg("name"), py::arg("threads"), py::arg("target_ms") = 30.0, py::arg("reps") = 3,
+      "Run one peak loop on `threads` threads at once, each about target_ms, reps times; the times");
 }

@@ -6,6 +6,7 @@
 - kernels.py: the grid runner
 - model_bench.py, models.py: whole models and a per-layer profile
 - timing.py: warm-up, interleaving, medians, cache rotation, bandwidth
+- peak.py: the register-only instruction peaks (measured each run) and the kernels' fraction of them
 - results.py, plot.py, report.py: tables, JSON / CSV, PNG, BENCHMARKS.md
 - cli.py: the command line
 

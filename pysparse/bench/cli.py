@@ -135,6 +135,11 @@ def _print_tables(doc: dict) -> None:
     if bw:
         head += f"; memory {bw['read_GBps']:.1f} GB/s read"
     print(head)
+    from .peak import summary
+
+    peaks = summary(doc.get("peaks"))
+    if peaks:
+        print(f"register-only peak: {peaks}")
     for t in tables_for(doc):
         print()
         print(render_text(t))
@@ -178,8 +183,9 @@ def _kernels(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise BenchError(f"--plot writes a PNG: give a path ending in .png, got {args.plot!r}")
     run = KernelRun(quick=args.quick, families=tuple(args.family or ()), shapes=args.shapes, device=device,
                     timing=TimingConfig.quick() if args.quick else TimingConfig.full(),
-                    # a tiny --shapes grid (tests) needs no 1 GiB bandwidth pass
-                    bandwidth_bytes=(64 << 20) if args.shapes else (1 << 30), progress=not args.no_progress)
+                    # a tiny --shapes grid (tests) needs no 1 GiB bandwidth pass, nor 30 ms peak loops
+                    bandwidth_bytes=(64 << 20) if args.shapes else (1 << 30),
+                    peak_ms=5.0 if args.shapes else 30.0, progress=not args.no_progress)
     doc = run_kernels(run, argv)
     if args.plot:
         doc["plot"] = os.path.abspath(plot_kernels(doc, args.plot))

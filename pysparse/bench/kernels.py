@@ -10,10 +10,12 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import ops
 from .machine import finish, l3_bytes, run_header
+from .peak import fraction_of_peak, instruction_for, measure_peaks
 from .registry import FAMILIES, Case, Contender, KernelFamily, family_meta
 from .families import Shapes
-from .timing import TimingConfig, Timed, measure_bandwidth, rotation_sets, time_gpu, time_interleaved
+from .timing import TimingConfig, Timed, env_set, measure_bandwidth, rotation_sets, time_gpu, time_interleaved
 
 CHECK_ROWS = 8  # rows of each output compared with the float64 reference (cheap at any M)
 
@@ -21,7 +23,8 @@ CHECK_ROWS = 8  # rows of each output compared with the float64 reference (cheap
 @dataclass
 class KernelRun:
     """One ``pysparse bench kernels`` run. shapes (hidden --shapes) replaces every family's
-    grid by these (M, N, K); families empty means all registered."""
+    grid by these (M, N, K); families empty means all registered. peak_ms / peak_repeats:
+    how long each register-only peak loop runs and how often (CPU runs; peak_ms 0: none)."""
 
     quick: bool = False
     families: tuple[str, ...] = ()
@@ -29,6 +32,8 @@ class KernelRun:
     device: str = "cpu"
     timing: TimingConfig = field(default_factory=TimingConfig.full)
     bandwidth_bytes: int = 1 << 30
+    peak_ms: float = 30.0
+    peak_repeats: int = 3
     progress: bool = True
 
 
@@ -45,9 +50,26 @@ def _rotating(call: Callable[[Any, torch.Tensor], Any], sets: list, x: torch.Ten
     return lambda: call(next(it), x)
 
 
+def _kernel_facts(c: Contender, state: Any, case: Case, peaks: Optional[dict]) -> dict:
+    """For a contender that runs a pysparse op on the CPU: the kernel it runs at this M (asked
+    under its env, as the call runs), the MACs of one call, the peak instruction and its entry."""
+    k = c.kernel_op
+    if k is None or c.device != "cpu":
+        return {}
+    try:
+        with env_set(c.env):
+            kernel = ops.kernel_for("cpu", k.op, M=case.M, **k.facts(state))
+    except (ValueError, RuntimeError, AttributeError):  # an op this build lacks: no fraction, not a failure
+        return {}
+    instr = instruction_for(kernel, k.kind)
+    peak = (peaks or {}).get("instructions", {}).get(instr) if instr else None
+    return {"kernel": kernel, "macs": int(k.macs(state, case)), "peak_instruction": instr if peak else None,
+            "_peak": peak}
+
+
 def _run_case(family: KernelFamily, case: Case, contenders: list[Contender], w: torch.Tensor,
               b: torch.Tensor, states: dict[str, list], run: KernelRun, l3: int, read_GBps: Optional[float],
-              skipped: list[dict]) -> list[dict]:
+              skipped: list[dict], peaks: Optional[dict] = None) -> list[dict]:
     g = torch.Generator().manual_seed(case.M * 31 + case.K)
     x = torch.randn(case.M, case.K, generator=g)
     ref = F.linear(x[:CHECK_ROWS].double(), w.double(), b.double())
@@ -70,7 +92,7 @@ def _run_case(family: KernelFamily, case: Case, contenders: list[Contender], w: 
             continue
         check = (lambda y: _rel_err(y, ref)) if c.tolerance is not None else None
         items.append(Timed(c.name, fn, c.env, check))
-        meta[c.name] = (c, n_sets)
+        meta[c.name] = (c, n_sets, _kernel_facts(c, sets[0], case, peaks))
     failures: dict[str, str] = {}
     timer = time_gpu if run.device == "cuda" else time_interleaved
     stats = timer(items, run.timing, failures)
@@ -78,14 +100,18 @@ def _run_case(family: KernelFamily, case: Case, contenders: list[Contender], w: 
         skipped.append({"family": family.name, "contender": name, "case": asdict(case), "reason": f"failed: {why}"})
     rows = []
     for name, st in stats.items():
-        c, n_sets = meta[name]
+        c, n_sets, kf = meta[name]
         wb = c.weight_bytes(case)
+        kf = dict(kf)
+        peak = kf.pop("_peak", None)
+        if kf:  # the pysparse kernel that ran, its MACs and its fraction of that instruction's peak
+            kf["of_peak"] = fraction_of_peak(kf["macs"], st.median_ms, peak)
         rows.append({"family": family.name, **asdict(case), "contender": name, "role": c.role,
                      "median_ms": st.median_ms, "iqr_ms": st.iqr_ms, "q1_ms": st.q1_ms, "q3_ms": st.q3_ms,
                      "min_ms": st.min_ms, "samples": st.samples, "weight_sets": n_sets, "weight_bytes": wb,
                      "bw_bound_ms": wb / (read_GBps * 1e6) if read_GBps else None,
                      "rel_err": st.error,
-                     "check_ok": None if st.error is None else bool(st.error <= c.tolerance)})
+                     "check_ok": None if st.error is None else bool(st.error <= c.tolerance), **kf})
         if st.error is not None and st.error > c.tolerance:
             print(f"pysparse bench: warning: {name} at {case} is off the float64 reference by "
                   f"{st.error:.2e} (> {c.tolerance:g})", file=sys.stderr)
@@ -101,8 +127,11 @@ def run_kernels(run: KernelRun, argv: Sequence[str]) -> dict:
     selected = [FAMILIES[n] for n in names]
     l3 = l3_bytes()
     bw = measure_bandwidth(run.bandwidth_bytes, device=run.device)
+    # The register-only peaks, like the bandwidth, once per run on the threads the kernels use
+    peaks = (measure_peaks(torch.get_num_threads(), run.peak_ms, run.peak_repeats).to_json()
+             if run.device == "cpu" and run.peak_ms > 0 else None)
     doc.update({"device": run.device, "quick": run.quick, "timing": asdict(run.timing), "bandwidth": asdict(bw),
-                "families": {}, "results": [], "skipped": [], "notes": []})
+                "peaks": peaks, "families": {}, "results": [], "skipped": [], "notes": []})
     if run.device == "cpu":
         doc["notes"].append(f"M <= {run.timing.rotate_max_m}: each contender cycles through copies of its "
                             f"weights totalling > {(run.timing.rotate_bytes or 2 * l3) / 1e6:.0f} MB "
@@ -136,7 +165,7 @@ def run_kernels(run: KernelRun, argv: Sequence[str]) -> dict:
                 for case in group:
                     bar.set_postfix_str(f"{fam.name} M={case.M} N={case.N} K={case.K} d={case.density:g}")
                     doc["results"] += _run_case(fam, case, ready, w, b, states, run, l3, bw.read_GBps,
-                                                doc["skipped"])
+                                                doc["skipped"], peaks)
                     bar.update()
                 del states
     bar.close()

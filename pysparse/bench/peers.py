@@ -19,7 +19,7 @@ from torch import nn
 import pysparse
 from pysparse.nn import Int8Linear
 
-from .registry import Case, Contender
+from .registry import Case, Contender, KernelOp
 
 ISA_ORDER = ("scalar", "avx2", "avx512", "amx")  # pysparse's CPU paths, lowest first
 
@@ -78,13 +78,18 @@ def cpu_isas() -> list[str]:
     return list(reversed(ISA_ORDER[: ISA_ORDER.index(best) + 1]))
 
 
+# int8_linear's MACs: M x N x K (the logical shape; the kernels also multiply the zero padding
+# of N and K to multiples of 64, not counted)
+INT8_LINEAR_OP = KernelOp("int8_linear", "int8", macs=lambda m, c: c.M * c.N * c.K)
+
+
 def pysparse_int8(isa: str) -> Contender:
     """pysparse's Int8Linear (dynamic per-row int8 activations) on one CPU ISA path."""
     return Contender(
         name=f"pysparse-{isa}", role="ours",
         prepare=lambda w, b: Int8Linear.from_float(make_linear(w, b)),
         call=lambda m, x: m(x), weight_bytes=_int8_bytes, env={"PYSPARSE_CPU_ISA": isa},
-        state_key="pysparse-int8", tolerance=TOL_INT8)
+        state_key="pysparse-int8", tolerance=TOL_INT8, kernel_op=INT8_LINEAR_OP)
 
 
 def dense(name: str = "fp32", dtype: torch.dtype = torch.float32, device: str = "cpu",
@@ -264,9 +269,13 @@ def pysparse_bsr(dtype: Optional[torch.dtype] = None) -> Contender:
     suffix = {torch.int8: "-int8", torch.bfloat16: "-bf16"}.get(dtype, "")
     nbytes = {torch.int8: 1, torch.bfloat16: 2}.get(dtype, 4)
     tol = {torch.int8: TOL_INT8, torch.bfloat16: TOL_BF16}.get(dtype, TOL_FP32)
+    # MACs of the stored blocks only (edge blocks counted whole): M x nnz_blocks x bn x bk
+    kop = KernelOp(op, {torch.int8: "int8", torch.bfloat16: "bf16"}.get(dtype, "fp32"),
+                   macs=lambda m, c: c.M * m.config.nnz_blocks * m.block[0] * m.block[1],
+                   facts=lambda m: {} if int8 else {"dtype": dtype or torch.float32, "block": m.block})
     return Contender(name="pysparse-bsr" + suffix, role="ours", prepare=prepare,
                      call=lambda m, x: m(x), weight_bytes=lambda c: int(c.density * c.N * c.K * nbytes),
-                     available=lambda: _pysparse_bsr_missing(op), tolerance=tol)
+                     available=lambda: _pysparse_bsr_missing(op), tolerance=tol, kernel_op=kop)
 
 
 def _train_step(m: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,23 @@ class Case:
     density: float = 1.0
 
 
+@dataclass(frozen=True)
+class KernelOp:
+    """The pysparse op a contender's call runs, for its fraction of the instruction peak.
+
+    op and facts(state) (dtype, block: what pysparse.ops.kernel_for takes) say which kernel
+    runs (asked under the contender's env, at the case's M); kind ("int8", "fp32", "bf16")
+    which peak its MACs count against; macs(state, case) the multiply-accumulates one call
+    does: M x N x K for a dense layer, M x (stored blocks x block size) for a block-sparse
+    one (only stored blocks' MACs).
+    """
+
+    op: str
+    kind: str
+    macs: Callable[[Any, Case], int]
+    facts: Callable[[Any], Mapping[str, Any]] = lambda state: {}
+
+
 def _always(case: Case) -> bool:
     return True
 
@@ -45,7 +62,8 @@ class Contender:
     M <= 16). available(): None, or why this contender cannot run here (skipped cleanly).
     env: environment set during its turns. state_key: contenders with the same key share
     weight sets (the ISA paths of one packed layout). tolerance: the relative error against
-    a float64 reference above which the row is flagged (None: no check).
+    a float64 reference above which the row is flagged (None: no check). kernel_op: the
+    pysparse op it runs (its rows then carry the kernel and its fraction of peak), or None.
     """
 
     name: str
@@ -61,6 +79,7 @@ class Contender:
     copy: Callable[[Any], Any] = copy.deepcopy
     tolerance: Optional[float] = None
     device: str = "cpu"
+    kernel_op: Optional[KernelOp] = None
 
 
 @dataclass(frozen=True)

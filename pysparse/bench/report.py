@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+from .peak import summary as peak_summary
 from .results import load_json, render_markdown, tables_for
 
 _KIND_TITLE = {"kernels": "Kernels", "model": "Model", "cnn": "Compacted CNN"}
@@ -25,6 +26,9 @@ def _machine_lines(doc: dict) -> list[str]:
     if bw:
         rows.append(("memory bandwidth", f"{bw['read_GBps']:.1f} GB/s read, {bw['copy_GBps']:.1f} GB/s copy "
                                          f"(read + write), over {bw['bytes'] / 2**20:.0f} MiB"))
+    peaks = peak_summary(doc.get("peaks"))
+    if peaks:
+        rows.append(("register-only peak", peaks))
     rows.append(("versions", ", ".join(f"{k} {val}" for k, val in v.items() if val)))
     rows.append(("date", doc.get("date", "?")))
     return ["| | |", "|---|---|"] + [f"| {k} | {val} |" for k, val in rows]

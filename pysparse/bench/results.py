@@ -40,6 +40,25 @@ def fmt_x(v: Optional[float]) -> str:
     return "-" if v is None or v != v else f"{v:.2f}x"
 
 
+def fmt_pct(v: Optional[float]) -> str:
+    """A fraction as a percentage with two or three significant digits ("-" for none)."""
+    if v is None or v != v:
+        return "-"
+    p = 100 * v
+    return f"{p:.0f}%" if p >= 10 else f"{p:.1f}%" if p >= 0.1 else f"{p:.2f}%"
+
+
+def _peak_columns(names: list[str], rows: list[dict]) -> dict[str, list[str]]:
+    """The contenders whose rows carry a fraction of peak (results written before the peaks
+    were measured have none), each with the peak instructions its rows used, in order."""
+    out: dict[str, list[str]] = {}
+    for n in names:
+        instrs = [r["peak_instruction"] for r in rows if r["contender"] == n and r.get("of_peak") is not None]
+        if instrs:
+            out[n] = list(dict.fromkeys(instrs))
+    return out
+
+
 def _case_key(r: dict) -> tuple:
     return (r["M"], r["N"], r["K"], r.get("density", 1.0))
 
@@ -72,6 +91,7 @@ def kernel_tables(doc: dict) -> list[Table]:
     bandwidth bound where the family asks for it, and the speedups."""
     tables = []
     bw = (doc.get("bandwidth") or {}).get("read_GBps")
+    peaks = (doc.get("peaks") or {}).get("instructions") or {}
     for fam, meta in doc.get("families", {}).items():
         rows = [r for r in doc["results"] if r["family"] == fam]
         if not rows:
@@ -81,7 +101,10 @@ def kernel_tables(doc: dict) -> list[Table]:
         for r in rows:
             cases.setdefault(_case_key(r), []).append(r)
         sparse = meta.get("x_axis") == "density"
-        headers = ["M", "N", "K"] + (["density"] if sparse else []) + names
+        of_peak = _peak_columns(names, rows)
+        headers = ["M", "N", "K"] + (["density"] if sparse else [])
+        for n in names:
+            headers += [n] + ([f"{n} of peak"] if n in of_peak else [])
         if meta.get("bandwidth_column") and bw:
             headers.append("int8 W @ BW")
         sp_names = [n for n in meta["speedup_for"] if n in names]
@@ -96,6 +119,10 @@ def kernel_tables(doc: dict) -> list[Table]:
                 r = by.get(n)
                 flag = "!" if r is not None and r.get("check_ok") is False else ""
                 line.append(fmt_ms(r["median_ms"]) + flag if r else "-")
+                if n in of_peak:
+                    v = r.get("of_peak") if r else None
+                    mixed = len(of_peak[n]) > 1 and v is not None  # e.g. AMX at large M, VNNI at small
+                    line.append(fmt_pct(v) + (f" {r['peak_instruction']}" if mixed else ""))
             if meta.get("bandwidth_column") and bw:
                 line.append(fmt_ms(N * K / (bw * 1e6)))
             sp = speedups(meta, rs)
@@ -109,6 +136,13 @@ def kernel_tables(doc: dict) -> list[Table]:
         if meta.get("bandwidth_column") and bw:
             notes.append(f"int8 W @ BW: the int8 weight bytes (N x K) at the measured {bw:.1f} GB/s read bandwidth,"
                          " the floor for small M")
+        if of_peak:
+            used = "; ".join(f"{n}: " + ", ".join(peaks.get(i, {}).get("instruction", i) for i in ins)
+                             for n, ins in of_peak.items())
+            threads = (doc.get("peaks") or {}).get("threads", doc.get("threads"))
+            notes.append(f"of peak: the kernel's MAC rate over the register-only peak of the instruction its path "
+                         f"used ({used}), measured on {threads} thread(s) at once in this run; MACs: dense "
+                         "M x N x K, block-sparse M x stored blocks x block size (only the stored blocks' MACs)")
         if any(not reference_of(meta, n) for n in sp_names):
             notes.append("speedup: the fastest peer's median over ours (torch._int_mm is a bare GEMM bound, "
                          "not a peer)")
