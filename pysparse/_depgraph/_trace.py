@@ -18,6 +18,12 @@ class _Tracer(fx.Tracer):
         self._stack: list[str] = [""]
         self.failed_in: Optional[tuple[str, str]] = None
 
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        # a PackedConv2d is a Conv2d to the channel graph (a re-compacted model keeps its convs as modules)
+        from ..nn import PackedConv2d
+
+        return isinstance(m, PackedConv2d) or super().is_leaf_module(m, qualname)
+
     def call_module(self, m, forward, args, kwargs):
         name = self.path_of_module(m)
         self._stack.append(name)

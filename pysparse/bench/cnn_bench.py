@@ -3,7 +3,10 @@
 One run times, interleaved, at each batch size, on the same random-weight network:
 - ``dense``: the unpruned model as the user has it (eval mode, NCHW);
 - ``dense-folded``: the same model given the usual inference treatment, BatchNorm folded into
-  the convs (torch.fx.experimental.optimization.fuse) and channels_last — the fair baseline;
+  the convs (torch.fx.experimental.optimization.fuse) and channels_last — the issue's baseline;
+- ``dense-packed``: ``pysparse.compact`` of the unpruned model (nothing to remove: BatchNorm
+  folded, channels_last, weights prepacked for oneDNN) — the like-for-like baseline of
+  ``pysparse-compact``, which gets the same treatment;
 - ``torch-pruning``: Torch-Pruning's MagnitudePruner at the same ratio, given the same treatment;
 - ``pysparse-compact``: ``pysparse.prune.filters`` (L1) then ``pysparse.compact`` (which folds
   BatchNorm and uses channels_last itself);
@@ -13,7 +16,8 @@ One run times, interleaved, at each batch size, on the same random-weight networ
   network (intra-op threads = torch's, spinning off).
 
 Each row shows the median, the speedup over ``dense-folded``, the MACs and the fraction of the
-MAC reduction the speedup achieves (1.0: time fell as much as the work did).
+MAC reduction the speedup achieves (1.0: time fell as much as the work did); pysparse's rows also
+show it against ``dense-packed`` ("like for like").
 """
 from __future__ import annotations
 
@@ -122,6 +126,7 @@ def build_contenders(run: CnnRun, notes: list[str], skipped: list[dict]) -> dict
     out: dict[str, tuple[Any, Callable]] = {"dense": (model, lambda m, x: m(x))}
     cl = lambda m, x: m(x.contiguous(memory_format=torch.channels_last))  # noqa: E731
     out["dense-folded"] = (_fold(model), cl)
+    out["dense-packed"] = (pysparse.compact(copy.deepcopy(model), (example,)), cl)
     if "torch-pruning" in run.peers:
         try:
             out["torch-pruning"] = (_torch_pruning(model, example, run.amount), cl)
@@ -180,21 +185,29 @@ def run_cnn(run: CnnRun, argv: Sequence[str]) -> dict:
             stats = time_interleaved(items, run.timing, failures)
             doc["skipped"] += [{"contender": n, "reason": f"failed: {w}"} for n, w in failures.items()]
             base = stats["dense-folded"].median_ms
+            packed = stats["dense-packed"].median_ms if "dense-packed" in stats else None
             for name, st in stats.items():
                 mac = macs.get(name)
                 red = base_macs / mac if mac else None
                 sp = base / st.median_ms
+                # pysparse's models get pysparse.compact's treatment (prepacked weights): their
+                # like-for-like baseline is the unpruned model given the same
+                like = packed / st.median_ms if packed and name.startswith("pysparse") else None
                 doc["results"].append({
                     "model": run.name, "batch": B, "contender": name, "median_ms": st.median_ms,
                     "iqr_ms": st.iqr_ms, "samples": st.samples, "speedup_vs_dense_folded": sp,
                     "macs": mac, "mac_reduction": red,
                     "fraction_of_mac_reduction": (sp / red) if red and not name.startswith("dense") else None,
+                    "speedup_vs_dense_packed": like,
+                    "fraction_of_mac_reduction_like_for_like": (like / red) if like and red else None,
                     "rel_err": st.error})
             bar.update()
     bar.close()
     doc["notes"].append("speedups are over dense-folded (BatchNorm folded, channels_last), the unpruned model "
-                        "given the same inference treatment as the compacted ones; int8 rows are checked against "
-                        "the compacted fp32 model (rel_err)")
+                        "given the inference treatment the issue names; 'like for like' is pysparse's rows over "
+                        "dense-packed, the unpruned model through pysparse.compact (the same folding, channels_last "
+                        "and prepacked weights as pysparse-compact); int8 rows are checked against the compacted "
+                        "fp32 model (rel_err)")
     return finish(doc)
 
 

