@@ -118,6 +118,7 @@ constexpr int64_t kBsrI8Scratch = kBsrI8RowsPerPass * kPackN;
 static_assert(kBsrI8Scratch >= 32 * kPackN, "bsr_i8_amx stores two 16-row tiles of 64 columns");
 void bsr_i8_scalar(const BsrI8Args& g, int64_t r0, int64_t r1, int32_t* cbuf, float* fbuf);
 #if PYSPARSE_X86
+void bsr_i8_avx2(const BsrI8Args& g, int64_t r0, int64_t r1, int32_t* cbuf, float* fbuf);  // s8, VPMADDWD
 void bsr_i8_avx512(const BsrI8Args& g, int64_t r0, int64_t r1, int32_t* cbuf, float* fbuf);
 #endif
 // AMX: activations s8 (no +128 shift), a padded to round_up(M, 32) zero rows; cbuf >= 32 x 64.

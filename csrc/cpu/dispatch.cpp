@@ -129,8 +129,8 @@ Kernel kernel_path(Op op, const OpShape& s, const Policy& p) {
       return Kernel(int(isa));  // Kernel::Scalar .. Kernel::Amx share Isa's values
     case Op::BsrInt8Linear:
       if (isa == Isa::Amx && s.M >= 0 && s.M < kAmxMinRows) isa = Isa::Avx512;  // issue 12
-      // int8 blocks: AMX, the VNNI kernel, and below AVX-512 the scalar one (no AVX2 kernel)
-      return isa == Isa::Amx ? Kernel::Amx : isa == Isa::Avx512 ? Kernel::Avx512 : Kernel::Scalar;
+      // int8 blocks: AMX, the VNNI kernel, the AVX2 one (VPMADDWD), the scalar one
+      return Kernel(int(isa));  // Kernel::Scalar .. Kernel::Amx share Isa's values
     case Op::BsrLinear:
       if (!s.bf16) return f32;
       // bf16 blocks: AMX-BF16 for blocks 32 or 64 deep (one or two 32-k tiles) unless bf16

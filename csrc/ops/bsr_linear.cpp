@@ -47,6 +47,7 @@ BsrI8Fn i8_fn(Kernel k) {
 #if PYSPARSE_X86
   if (k == Kernel::Amx) return cpu::bsr_i8_amx;
   if (k == Kernel::Avx512) return cpu::bsr_i8_avx512;
+  if (k == Kernel::Avx2) return cpu::bsr_i8_avx2;
 #endif
   (void)k;
   return cpu::bsr_i8_scalar;
@@ -349,7 +350,7 @@ Tensor bsr_int8_linear(const Tensor& x, const Tensor& values, const Tensor& row_
   const cpu::Policy pol = ops::policy();
   const Kernel kern = ops::path(cpu::Op::BsrInt8Linear, {false, B, M}, pol);
   const bool amx = kern == Kernel::Amx, vnni = kern == Kernel::Avx512;
-  // the quantization runs on the selected ISA's unit (AVX2 too, where the GEMM is scalar)
+  // the quantization runs on the selected ISA's unit; the AVX2 and scalar kernels take s8
   const Isa isa = amx || vnni ? cpu::kernel_isa(kern) : std::min(cpu::selected_isa(pol), Isa::Avx2);
   // AMX loads 16-row A tiles (32 rows per pass): zero rows past M; VNNI stores x as u8
   const ops::QuantizedX q = ops::quantize_x(x2, static_scale, amx ? cpu::round_up(M, 32) : M, Kp, isa, vnni);
