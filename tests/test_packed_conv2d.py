@@ -35,7 +35,11 @@ def test_equals_the_plain_conv(cin, cout, k, stride, groups, bias):
             want, got = conv(x), packed(x)
             assert torch.equal(want, got)
             assert want.stride() == got.stride()
-    assert packed._packed is not None  # the packed path ran
+    assert packed._packed is not None and len(packed._packed[1]) == 3  # the packed path ran, one copy per shape
+    for b in range(1, 8):  # at most kPackShapes copies
+        with torch.no_grad():
+            packed(torch.randn(b, cin, 6, 6).contiguous(memory_format=CL))
+    assert len(packed._packed[1]) == PackedConv2d.kPackShapes
 
 
 def test_shares_parameters_and_sees_weight_changes():
@@ -44,10 +48,10 @@ def test_shares_parameters_and_sees_weight_changes():
     x = torch.randn(2, 16, 8, 8).contiguous(memory_format=CL)
     with torch.no_grad():
         packed(x)
-        first = packed._packed[1]
+        first = packed._packed[1][tuple(x.shape)]
         conv.weight.mul_(-2)  # in place: the version changes
         assert torch.equal(packed(x), conv(x))
-        assert packed._packed[1] is not first
+        assert packed._packed[1][tuple(x.shape)] is not first
         packed.load_state_dict({"weight": torch.randn_like(conv.weight), "bias": torch.zeros(32)})
         assert torch.equal(packed(x), conv(x))
         packed.weight = nn.Parameter(torch.randn(32, 16, 3, 3))  # a new tensor
