@@ -1,13 +1,16 @@
 """The AMX int8 kernels on a CPU without AMX, compiled against a software model of the tile
-instructions (tests/emulate/amx.h): the dense one (csrc/cpu/int8_linear_amx.cpp, checked by
-tests/emulate/amx_check.cpp: int32 sums bit-exact against int64, -128 included, and every
-output type's epilogue bit-equal to the scalar kernel's) and the block-sparse one
-(csrc/cpu/bsr_linear_amx.cpp, tests/emulate/bsr_amx_check.cpp: every output type, ReLU on
-and off, bit-equal to the scalar block-sparse kernel, edge blocks and empty block rows) and
-its bf16 kernel (tests/emulate/bsr_bf16_amx_check.cpp: TDPBF16PS against the scalar bf16
-kernel within fp32 rounding). On an AMX machine the real kernel
-also runs through every other test (the `isa` fixture); this one makes sure its tile
-logic has run somewhere before it meets one."""
+instructions (tests/emulate/amx.h): the dense ones (csrc/cpu/int8_linear_amx.cpp, checked by
+tests/emulate/amx_check.cpp: issue 12's gemm_amx with tile-packed and with row-major A, prefetch
+on and off, and the previous gemm_amx_rows; int32 sums bit-exact against int64, -128 included,
+and every output type's epilogue, with and without bias, per channel and per group, bit-equal
+to the scalar kernel's, over every M of 1..70, K = 100 and 4160, tasks split over rows and
+column chunks) and the block-sparse one (csrc/cpu/bsr_linear_amx.cpp,
+tests/emulate/bsr_amx_check.cpp: tile-packed and row-major A, prefetch on and off, every output
+type, ReLU on and off, bit-equal to the scalar block-sparse kernel, every row tail of the 16- and
+32-row passes, edge blocks and empty block rows) and its bf16 kernel
+(tests/emulate/bsr_bf16_amx_check.cpp: TDPBF16PS against the scalar bf16 kernel within fp32
+rounding). On an AMX machine the real kernel also runs through every other test (the `isa`
+fixture); this one makes sure its tile logic has run somewhere before it meets one."""
 import os
 import shutil
 import subprocess

@@ -27,13 +27,50 @@ Policy decode(uint32_t w) { return Policy{int(w & 0xF) - 1, int((w >> 4) & 0xF) 
 std::atomic<uint32_t> g_policy{encode(Policy{})};
 std::atomic<double> g_bf16_speedup{0.0};
 
-// AMX tiles cost a tile configuration and whole 16-row tiles per pass; issue 12 measures
-// below how many rows the VNNI kernel wins. 0 until then: AMX for every M, as today.
-constexpr int64_t kAmxMinRows = 0;
+// The AMX knobs (dispatch.h): written once by Init, before any reader gets past init_policy()
+// (a function-local static's initialization happens-before every return from it).
+int64_t g_amx_min_rows = kAmxMinRowsDense;
+int64_t g_amx_bsr_min_rows = kAmxMinRowsBsr;
+AmxGemm g_amx_gemm = AmxGemm::Tiles;
+int g_amx_prefetch = -1;  // -1: the kernels' default (kAmxPrefetchDefault)
+
+// A whole number in [0, max] from the environment variable `name`, or `dflt` when unset or
+// empty; anything else throws std::invalid_argument naming the variable and the value.
+int64_t env_count(const char* name, int64_t dflt, int64_t max, const char* what) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return dflt;
+  int64_t n = 0;
+  bool ok = true;
+  for (const char* c = v; *c; ++c) {
+    if (*c < '0' || *c > '9' || n > max) {
+      ok = false;
+      break;
+    }
+    n = n * 10 + (*c - '0');
+  }
+  if (!ok || n > max)
+    throw std::invalid_argument(std::string(name) + " (read when pysparse loads)='" + v + "' is not " + what +
+                                " from 0 to " + std::to_string(max));
+  return n;
+}
 
 struct Init {
   Init() {
     Policy p;
+    // (every variable is read before any is stored: a bad one leaves the defaults in place)
+    const int64_t min_rows = env_count("PYSPARSE_AMX_MIN_ROWS", kAmxMinRowsDense, int64_t(1) << 30, "a row count");
+    const int64_t bsr_min_rows =
+        env_count("PYSPARSE_AMX_BSR_MIN_ROWS", kAmxMinRowsBsr, int64_t(1) << 30, "a row count");
+    const int prefetch = int(env_count("PYSPARSE_AMX_PREFETCH", -1, 64, "a prefetch distance"));
+    AmxGemm gemm = AmxGemm::Tiles;
+    const char* gv = std::getenv("PYSPARSE_AMX_GEMM");
+    if (gv && *gv) {
+      if (!std::strcmp(gv, "tiles")) gemm = AmxGemm::Tiles;
+      else if (!std::strcmp(gv, "rows")) gemm = AmxGemm::Rows;
+      else
+        throw std::invalid_argument(std::string("PYSPARSE_AMX_GEMM (read when pysparse loads)='") + gv +
+                                    "' is not one of tiles, rows");
+    }
     const char* isa = std::getenv("PYSPARSE_CPU_ISA");
     if (isa && *isa) p.isa_cap = parse_isa(isa, "PYSPARSE_CPU_ISA (read when pysparse loads)");
     const char* bf16 = std::getenv("PYSPARSE_CPU_BF16");
@@ -49,6 +86,10 @@ struct Init {
     // PYSPARSE_CPU_BF16=0|1 / set_cpu_bf16 fix it across processes).
     if (cpu_features().avx512_bf16) g_bf16_speedup.store(bf16_dot_speedup());
 #endif
+    g_amx_min_rows = min_rows;
+    g_amx_bsr_min_rows = bsr_min_rows;
+    g_amx_prefetch = prefetch;
+    g_amx_gemm = gemm;
     g_policy.store(encode(p));
   }
 };
@@ -100,10 +141,33 @@ int parse_isa(const char* s, const char* what) {
   throw std::invalid_argument(std::string(what) + "='" + s + "' is not one of amx, avx512, avx2, scalar");
 }
 
-Isa selected_isa(const Policy& p) {
-  const Isa best = best_isa();
+Isa capped_isa(const Policy& p, Isa best) {
   return p.isa_cap >= 0 && p.isa_cap < int(best) ? Isa(p.isa_cap) : best;
 }
+
+Isa selected_isa(const Policy& p) { return capped_isa(p, best_isa()); }
+
+int64_t amx_min_rows(Op op) {
+  init_policy();
+  switch (op) {
+    case Op::Int8Linear:
+    case Op::Int8Mm: return g_amx_min_rows;
+    case Op::BsrInt8Linear: return g_amx_bsr_min_rows;
+    default: return 0;
+  }
+}
+
+AmxGemm amx_gemm_variant() {
+  init_policy();
+  return g_amx_gemm;
+}
+
+int amx_prefetch() {
+  init_policy();
+  return g_amx_prefetch;
+}
+
+const char* amx_gemm_name(AmxGemm v) { return v == AmxGemm::Rows ? "rows" : "tiles"; }
 
 double bf16_dot_speedup_measured() {
   init_policy();
@@ -118,17 +182,20 @@ bool bf16_dot_enabled(const Policy& p) {
   return p.bf16 == 1;
 }
 
-Kernel kernel_path(Op op, const OpShape& s, const Policy& p) {
-  Isa isa = selected_isa(p);
+Kernel kernel_path(Op op, const OpShape& s, const Policy& p) { return kernel_path_for(op, s, p, best_isa()); }
+
+Kernel kernel_path_for(Op op, const OpShape& s, const Policy& p, Isa best) {
+  Isa isa = capped_isa(p, best);
   // The fp32 block-sparse kernels top out at AVX-512 (no AMX fp32 tiles).
   const Kernel f32 = isa >= Isa::Avx512 ? Kernel::Avx512 : isa == Isa::Avx2 ? Kernel::Avx2 : Kernel::Scalar;
   switch (op) {
     case Op::Int8Linear:
     case Op::Int8Mm:
-      if (isa == Isa::Amx && s.M >= 0 && s.M < kAmxMinRows) isa = Isa::Avx512;  // issue 12
+      // below the AMX threshold the VNNI kernel is faster (dispatch.h, issue 12); M unknown: AMX
+      if (isa == Isa::Amx && s.M >= 0 && s.M < amx_min_rows(op)) isa = Isa::Avx512;
       return Kernel(int(isa));  // Kernel::Scalar .. Kernel::Amx share Isa's values
     case Op::BsrInt8Linear:
-      if (isa == Isa::Amx && s.M >= 0 && s.M < kAmxMinRows) isa = Isa::Avx512;  // issue 12
+      if (isa == Isa::Amx && s.M >= 0 && s.M < amx_min_rows(op)) isa = Isa::Avx512;  // as above
       // int8 blocks: AMX, the VNNI kernel, the AVX2 one (VPMADDWD), the scalar one
       return Kernel(int(isa));  // Kernel::Scalar .. Kernel::Amx share Isa's values
     case Op::BsrLinear:

@@ -3,6 +3,7 @@
 // flags (-mavx2, -mavx512vnni, -mamx-int8) and must not pull in torch headers.
 #pragma once
 #include <cstdint>
+#include <cstring>
 
 #include "isa.h"  // Isa, round_up
 
@@ -35,7 +36,49 @@ struct GemmArgs {
   void* out;               // [M][ldo] of OutType
   int64_t ldo;
   OutType out_type;
+  // gemm_amx / bsr_i8_amx only: the activations in the tile-packed layout below (then `a` is
+  // not read), or nullptr: they load A tiles from the row-major `a` (16 rows Kp bytes apart).
+  const int8_t* a_tiles = nullptr;
+  // gemm_amx / bsr_i8_amx only: how far ahead they prefetch (dispatch.h amx_prefetch; < 0:
+  // the kernels' default, 0: no software prefetch).
+  int prefetch = -1;
 };
+
+// Tile-packed activations for the AMX kernels: At[Mt][Kp/64][16][64] int8, Mt = ceil(M/16).
+// Each 16-row x 64-k A tile is one contiguous, 64-byte aligned 1 KB (one TILELOADD of
+// stride 64: 16 consecutive cache lines, where a row-major A tile is 16 lines Kp bytes
+// apart); a row tile's k tiles follow one another, so a pass over K reads one sequential
+// stream. Rows past M are zero. (In an anonymous namespace: see int8_linear_impl.h.)
+constexpr int64_t kTileRows = 16;
+constexpr int64_t kTileBytes = 1024;
+namespace {
+constexpr int64_t a_tiles_bytes(int64_t M, int64_t Kp) { return round_up(M, kTileRows) * Kp; }
+// byte offset of element (m, k)
+constexpr int64_t a_tile_offset(int64_t m, int64_t k, int64_t Kp) {
+  return ((m / kTileRows) * (Kp / 64) + k / 64) * kTileBytes + (m % kTileRows) * 64 + k % 64;
+}
+// Rows [m0, m1) of a row-major int8 [.][lda] (K valid columns) into the tile-packed `at`,
+// zero past K up to Kp. Rows past M are the caller's to zero (zero_tile_padding).
+inline void pack_a_tiles(const int8_t* a, int64_t lda, int64_t K, int64_t Kp, int64_t m0, int64_t m1,
+                         int8_t* at) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const int8_t* r = a + m * lda;
+    for (int64_t k = 0; k < Kp; k += 64) {
+      int8_t* d = at + a_tile_offset(m, k, Kp);
+      const int64_t n = K - k >= 64 ? 64 : K > k ? K - k : 0;
+      std::memcpy(d, r + k, size_t(n));
+      std::memset(d + n, 0, size_t(64 - n));
+    }
+  }
+}
+// Zero rows [M, round_up(M, 16)) of the last row tile.
+inline void zero_tile_padding(int64_t M, int64_t Kp, int8_t* at) {
+  if (M % kTileRows == 0) return;
+  for (int64_t k = 0; k < Kp; k += 64) {
+    std::memset(at + a_tile_offset(M, k, Kp), 0, size_t((kTileRows - M % kTileRows) * 64));
+  }
+}
+}  // namespace
 
 // Compute rows [m0, m1) and 64-column chunks [c0, c1) of the output. Each call is
 // single-threaded; the caller splits work with at::parallel_for and hands each thread
@@ -48,8 +91,15 @@ void gemm_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t c0, int64_t c1
               int32_t* cbuf, float* fbuf);
 void gemm_avx512(const GemmArgs& g, int64_t m0, int64_t m1, int64_t c0, int64_t c1,
                 int32_t* cbuf, float* fbuf);
+// AMX, restructured for issue 12 (int8_linear_amx.cpp): A from g.a_tiles where set (else
+// row-major g.a, as int8_conv2d hands it), C kept in tiles across each scale group's K, a
+// 16-row pass for row tails; `a` needs round_up(M, 16) rows. The previous kernel,
+// gemm_amx_rows (row-major A, 32-row passes, C reloaded per 512-k block), stays for comparison
+// (PYSPARSE_AMX_GEMM=rows). Both: cbuf/fbuf as above.
 void gemm_amx(const GemmArgs& g, int64_t m0, int64_t m1, int64_t c0, int64_t c1,
              int32_t* cbuf, float* fbuf);
+void gemm_amx_rows(const GemmArgs& g, int64_t m0, int64_t m1, int64_t c0, int64_t c1,
+                   int32_t* cbuf, float* fbuf);
 #endif
 
 // Per-row dynamic (scale_in <= 0) or static (scale_in > 0) symmetric quantization of

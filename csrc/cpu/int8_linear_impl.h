@@ -122,6 +122,56 @@ inline void store_row(O* o, const float* f, float sa, const float* bias, int64_t
   }
 }
 
+// Epilogue, part 1: scale group gi's int32 sums C[rows][64] of rows m.. (64 columns from
+// n0): with I32 output (G == 1) stored exactly into out; else dequantized by the columns'
+// weight scales into F[rows][64] (group 0 sets F, later groups add). Shared by every path,
+// so the float rounding is the same everywhere.
+inline void epilogue_group(const GemmArgs& g, int64_t m, int64_t rows, int64_t gi, int64_t n0, bool u8,
+                           const int32_t* C, float* F) {
+  const int32_t* cs = g.colsum + gi * g.Np + n0;
+  if (g.out_type == OutType::I32) {  // raw GEMM (G == 1): exact int32
+    const int64_t nn = std::min(kPackN, g.N - n0);
+    for (int64_t r = 0; r < rows; ++r) {
+      int32_t* o = static_cast<int32_t*>(g.out) + (m + r) * g.ldo + n0;
+      for (int64_t j = 0; j < nn; ++j)
+        o[j] = u8 ? int32_t(uint32_t(C[r * kPackN + j]) - 128u * uint32_t(cs[j])) : C[r * kPackN + j];
+    }
+    return;
+  }
+  const float* ws = g.w_scale + gi * g.Np + n0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t* cr = C + r * kPackN;
+    float* fr = F + r * kPackN;
+    for (int64_t j = 0; j < kPackN; ++j) {
+      // Wrap-around arithmetic: the true sum fits in int32 (|K| * 128 * 128 < 2^31).
+      int32_t acc = u8 ? int32_t(uint32_t(cr[j]) - 128u * uint32_t(cs[j])) : cr[j];
+      float v = static_cast<float>(acc) * ws[j];
+      fr[j] = gi == 0 ? v : fr[j] + v;
+    }
+  }
+}
+
+// Epilogue, part 2 (float outputs): F[rows][64] of rows m.. x the row's activation scale,
+// + bias, converted to the output type, into out's columns n0.. (up to N).
+inline void epilogue_store(const GemmArgs& g, int64_t m0, int64_t rows, int64_t n0, const float* F) {
+  const int64_t nn = std::min(kPackN, g.N - n0);
+  const float* bias = g.bias ? g.bias + n0 : nullptr;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t m = m0 + r;
+    const float* fr = F + r * kPackN;
+    switch (g.out_type) {
+      case OutType::F32:
+        store_row<float>(static_cast<float*>(g.out) + m * g.ldo + n0, fr, g.a_scale[m], bias, nn);
+        break;
+      case OutType::BF16:
+        store_row<Bf16>(static_cast<uint16_t*>(g.out) + m * g.ldo + n0, fr, g.a_scale[m], bias, nn);
+        break;
+      default:
+        store_row<F16>(static_cast<uint16_t*>(g.out) + m * g.ldo + n0, fr, g.a_scale[m], bias, nn);
+    }
+  }
+}
+
 // micro(m, rows, chunk, k0, k1, C, ldc, accumulate): C[rows][64] (+)= A[m.., k0:k1] B[k0:k1, chunk]
 // mr: rows the micro-kernel handles per call (it may compute more on zero-padded rows).
 // C and F are the caller's scratch: [round_up(m1 - m0, 32)][64] each.
@@ -140,48 +190,9 @@ void run_tiles(const GemmArgs& g, int64_t m0, int64_t m1, int64_t c0, int64_t c1
         for (int64_t r = 0; r < rows; r += mr)
           micro(m0 + r, std::min(mr, rows - r), c, k, ke, C + r * kPackN, k != gs);
       }
-      const int32_t* cs = g.colsum + gi * g.Np + n0;
-      if (g.out_type == OutType::I32) {  // raw GEMM (G == 1): exact int32
-        const int64_t nn = std::min(kPackN, g.N - n0);
-        for (int64_t r = 0; r < rows; ++r) {
-          int32_t* o = static_cast<int32_t*>(g.out) + (m0 + r) * g.ldo + n0;
-          for (int64_t j = 0; j < nn; ++j)
-            o[j] = u8 ? int32_t(uint32_t(C[r * kPackN + j]) - 128u * uint32_t(cs[j]))
-                      : C[r * kPackN + j];
-        }
-        continue;
-      }
-      const float* ws = g.w_scale + gi * g.Np + n0;
-      for (int64_t r = 0; r < rows; ++r) {
-        const int32_t* cr = C + r * kPackN;
-        float* fr = F + r * kPackN;
-        for (int64_t j = 0; j < kPackN; ++j) {
-          // Wrap-around arithmetic: the true sum fits in int32 (|K| * 128 * 128 < 2^31).
-          int32_t acc = u8 ? int32_t(uint32_t(cr[j]) - 128u * uint32_t(cs[j])) : cr[j];
-          float v = static_cast<float>(acc) * ws[j];
-          fr[j] = gi == 0 ? v : fr[j] + v;
-        }
-      }
+      epilogue_group(g, m0, rows, gi, n0, u8, C, F);
     }
-    if (g.out_type == OutType::I32) continue;
-    const int64_t nn = std::min(kPackN, g.N - n0);
-    const float* bias = g.bias ? g.bias + n0 : nullptr;
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t m = m0 + r;
-      const float* fr = F + r * kPackN;
-      switch (g.out_type) {
-        case OutType::F32:
-          store_row<float>(static_cast<float*>(g.out) + m * g.ldo + n0, fr, g.a_scale[m], bias, nn);
-          break;
-        case OutType::BF16:
-          store_row<Bf16>(static_cast<uint16_t*>(g.out) + m * g.ldo + n0, fr, g.a_scale[m],
-                          bias, nn);
-          break;
-        default:
-          store_row<F16>(static_cast<uint16_t*>(g.out) + m * g.ldo + n0, fr, g.a_scale[m], bias,
-                         nn);
-      }
-    }
+    if (g.out_type != OutType::I32) epilogue_store(g, m0, rows, n0, F);
   }
 }
 

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../cpu/bsr_linear.h"
+#include "amx_pack.h"
 #include "common.h"
 
 namespace pysparse {
@@ -352,13 +353,17 @@ Tensor bsr_int8_linear(const Tensor& x, const Tensor& values, const Tensor& row_
   const bool amx = kern == Kernel::Amx, vnni = kern == Kernel::Avx512;
   // the quantization runs on the selected ISA's unit; the AVX2 and scalar kernels take s8
   const Isa isa = amx || vnni ? cpu::kernel_isa(kern) : std::min(cpu::selected_isa(pol), Isa::Avx2);
-  // AMX loads 16-row A tiles (32 rows per pass): zero rows past M; VNNI stores x as u8
-  const ops::QuantizedX q = ops::quantize_x(x2, static_scale, amx ? cpu::round_up(M, 32) : M, Kp, isa, vnni);
+  // AMX reads x tile-packed (one contiguous 1 KB per 16 x 64 A tile, zero rows up to a
+  // multiple of 16; csrc/ops/amx_pack.h); VNNI stores x row-major as u8
+  const ops::QuantizedX q =
+      amx ? ops::quantize_x_tiles(x2, static_scale, Kp, isa) : ops::quantize_x(x2, static_scale, M, Kp, isa, vnni);
   int8_t* app = q.a.data_ptr<int8_t>();
   float* asp = q.scale.data_ptr<float>();
   const cpu::OutType ot = ops::out_type(dt);
-  cpu::BsrI8Args b{{app, M, q.a.size(0), N, Np, Kp, nullptr, colsum.data_ptr<int32_t>(), asp, w_scale.data_ptr<float>(),
-                    Kp, bias ? bias->data_ptr<float>() : nullptr, out.data_ptr(), N, ot},
+  cpu::BsrI8Args b{{amx ? nullptr : app, M, amx ? cpu::round_up(M, 16) : M, N, Np, Kp, nullptr,
+                    colsum.data_ptr<int32_t>(), asp, w_scale.data_ptr<float>(), Kp,
+                    bias ? bias->data_ptr<float>() : nullptr, out.data_ptr(), N, ot, amx ? app : nullptr,
+                    cpu::amx_prefetch()},
                    row_ptr.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), values.data_ptr<int8_t>(), relu};
   const BsrI8Fn fn = i8_fn(kern);
   parallel_rows(b.row_ptr, R, B, B, [&](int64_t r0, int64_t r1) {

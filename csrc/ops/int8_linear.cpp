@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../cpu/int8_linear.h"
+#include "amx_pack.h"
 #include "common.h"
 
 namespace pysparse {
@@ -31,8 +32,19 @@ bool isa_wants_u8(Isa isa) { return isa == Isa::Avx512; }
 // at M = 512 on 2 threads, gives each thread one row block over all columns.
 constexpr int64_t kRowsPerTask = 256;
 
+// The AMX GEMM int8_linear / int8_mm run (dispatch.h AmxGemm, PYSPARSE_AMX_GEMM at load): the
+// tiles kernel reads tile-packed activations, the rows kernel the row-major scratch.
+bool amx_tiles(Isa isa) { return isa == Isa::Amx && cpu::amx_gemm_variant() == cpu::AmxGemm::Tiles; }
+
+GemmFn gemm_fn(Isa isa) {
+#if PYSPARSE_X86
+  if (isa == Isa::Amx && !amx_tiles(isa)) return cpu::gemm_amx_rows;
+#endif
+  return ops::int8_gemm_fn(isa);  // (Amx: gemm_amx, the tiles kernel)
+}
+
 void run_gemm(const GemmArgs& g, Isa isa) {
-  const GemmFn fn = ops::int8_gemm_fn(isa);
+  const GemmFn fn = gemm_fn(isa);
   const int64_t mblocks = (g.M + kRowsPerTask - 1) / kRowsPerTask;
   const int64_t nchunks = g.Np / kPackN;
   at::parallel_for(0, mblocks * nchunks, 1, [&](int64_t begin, int64_t end) {
@@ -168,14 +180,19 @@ Tensor int8_mm(const Tensor& a, const Tensor& packed, const Tensor& colsum, int6
   Tensor out = at::empty({M, N}, a.options().dtype(at::kInt));
   if (M == 0 || N == 0) return out;
   const Isa isa = cpu::kernel_isa(ops::path(cpu::Op::Int8Mm, {false, 0, M}));
-  const bool u8 = isa_wants_u8(isa);
-  const int64_t Mp = round_up(M, 32);
-  Tensor ap = at::zeros({Mp, Kp}, a.options());
-  if (K > 0) ap.narrow(0, 0, M).narrow(1, 0, K).copy_(a);
-  if (u8) ap.bitwise_xor_(-128);  // u8 view: s8 + 128
-  GemmArgs g{ap.data_ptr<int8_t>(), M, Mp, N, Np, Kp, packed.data_ptr<int8_t>(),
-             colsum.data_ptr<int32_t>(), nullptr, nullptr, Kp, nullptr,
-             out.data_ptr<int32_t>(), N, cpu::OutType::I32};
+  const bool u8 = isa_wants_u8(isa), tiles = amx_tiles(isa);
+  Tensor ap;
+  if (tiles) {
+    ap = ops::int8_to_tiles(a, Kp);  // [round_up(M, 16) / 16][Kp / 64] tiles of 16 x 64
+  } else {
+    ap = at::zeros({round_up(M, 32), Kp}, a.options());
+    if (K > 0) ap.narrow(0, 0, M).narrow(1, 0, K).copy_(a);
+    if (u8) ap.bitwise_xor_(-128);  // u8 view: s8 + 128
+  }
+  GemmArgs g{tiles ? nullptr : ap.data_ptr<int8_t>(), M, tiles ? round_up(M, 16) : round_up(M, 32), N, Np, Kp,
+             packed.data_ptr<int8_t>(), colsum.data_ptr<int32_t>(), nullptr, nullptr, Kp, nullptr,
+             out.data_ptr<int32_t>(), N, cpu::OutType::I32, tiles ? ap.data_ptr<int8_t>() : nullptr,
+             cpu::amx_prefetch()};
   run_gemm(g, isa);
   return out;
 }
@@ -205,15 +222,20 @@ Tensor int8_linear(const Tensor& x, const Tensor& packed, const Tensor& colsum,
   Tensor x2 = x.reshape({M, K});
   if (x2.stride(1) != 1) x2 = x2.contiguous();
   const Isa isa = cpu::kernel_isa(ops::path(cpu::Op::Int8Linear, {false, 0, M}));
-  const bool u8 = isa_wants_u8(isa);
-  const int64_t Mp = round_up(M, 32);  // rows past M are zero: AMX reads whole 16-row tiles
-  const ops::QuantizedX q = ops::quantize_x(x2, static_scale, Mp, Kp, isa, u8);
+  const bool u8 = isa_wants_u8(isa), tiles = amx_tiles(isa);
+  // The AMX tiles kernel: x quantizes straight into tile-packed rows (amx_pack.h), padded to
+  // 16 rows. Otherwise row-major [round_up(M, 32)][Kp]: rows past M are zero, as the rows
+  // kernel reads whole 32-row passes.
+  const int64_t Mp = tiles ? round_up(M, 16) : round_up(M, 32);
+  const ops::QuantizedX q = tiles ? ops::quantize_x_tiles(x2, static_scale, Kp, isa)
+                                  : ops::quantize_x(x2, static_scale, Mp, Kp, isa, u8);
   int8_t* app = q.a.data_ptr<int8_t>();
   float* asp = q.scale.data_ptr<float>();
   const cpu::OutType ot = ops::out_type(dt);
-  GemmArgs g{app, M, Mp, N, Np, Kp, packed.data_ptr<int8_t>(), colsum.data_ptr<int32_t>(),
+  GemmArgs g{tiles ? nullptr : app, M, Mp, N, Np, Kp, packed.data_ptr<int8_t>(), colsum.data_ptr<int32_t>(),
              asp, w_scale.data_ptr<float>(), Kp / G,
-             bias ? bias->data_ptr<float>() : nullptr, out.data_ptr(), N, ot};
+             bias ? bias->data_ptr<float>() : nullptr, out.data_ptr(), N, ot, tiles ? app : nullptr,
+             cpu::amx_prefetch()};
   run_gemm(g, isa);
   return out;
 }

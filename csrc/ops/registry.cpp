@@ -96,17 +96,31 @@ py::dict cpu_features_dict() {
   d["bf16_dot_choice"] = bf16_choice_forced(p) ? "forced"
                          : (f.avx512_bf16 && selected_isa(p) >= Isa::Avx512) ? "measured"
                                                                                : "unavailable";
+  // The AMX shape rule and knobs, fixed at load (csrc/cpu/dispatch.h): below amx_min_rows rows
+  // of x int8_linear / int8_mm run the VNNI kernel on an AMX machine, below amx_bsr_min_rows
+  // bsr_int8_linear does; kernel_for(op, M=...) says which path a given M takes.
+  d["amx_min_rows"] = amx_min_rows(Op::Int8Linear);
+  d["amx_bsr_min_rows"] = amx_min_rows(Op::BsrInt8Linear);
+  d["amx_gemm"] = amx_gemm_name(amx_gemm_variant());
+  d["amx_prefetch"] = amx_prefetch();  // -1: the kernels' default
   return d;
 }
 
 std::string selected_isa_name() { return isa_name(selected_isa(value_errors(policy_now))); }
 
-std::string kernel_path_name(const std::string& op, bool bf16, int64_t bk, int64_t M) {
+// best_isa: a test hook; None asks for this CPU, a name evaluates the rule as if it were this
+// CPU's best ISA (only the ISA level: the bf16 features stay this CPU's), so the AMX shape rule
+// is testable on a machine without AMX. Never used to run anything.
+std::string kernel_path_name(const std::string& op, bool bf16, int64_t bk, int64_t M, const py::object& best) {
   Op o;
   if (!parse_op(op.c_str(), &o))
     throw py::value_error("kernel_path: op must be one of int8_linear, int8_mm, bsr_linear, bsr_linear_grad_x, "
                           "bsr_linear_grad_values, bsr_int8_linear; got '" + op + "'");
-  return kernel_name(kernel_path(o, OpShape{bf16, bk, M}, value_errors(policy_now)));
+  const Policy p = value_errors(policy_now);
+  if (best.is_none()) return kernel_name(kernel_path(o, OpShape{bf16, bk, M}, p));
+  const std::string b = py::str(best);
+  const Isa isa = Isa(value_errors([&] { return parse_isa(b.c_str(), "kernel_path: best_isa"); }));
+  return kernel_name(kernel_path_for(o, OpShape{bf16, bk, M}, p, isa));
 }
 
 py::object cap_name(int cap) { return cap < 0 ? py::object(py::none()) : py::object(py::str(isa_name(Isa(cap)))); }
@@ -152,7 +166,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_features", &cpu_features_dict, "CPU features found by CPUID/XGETBV/arch_prctl, and the bf16 choice");
   m.def("selected_isa", &selected_isa_name, "ISA path the int8 kernels use now (best_isa capped by set_cpu_isa)");
   m.def("kernel_path", &kernel_path_name, py::arg("op"), py::arg("bf16") = false, py::arg("bk") = 0,
-        py::arg("M") = -1, "The CPU kernel the dispatch policy picks for op with these call facts");
+        py::arg("M") = -1, py::arg("best_isa") = py::none(),
+        "The CPU kernel the dispatch policy picks for op with these call facts (best_isa: test hook)");
   m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"), "Cap the CPU path; returns the previous cap");
   m.def("cpu_isa_cap", &cpu_isa_cap, "The current cap (None: none)");
   m.def("set_cpu_bf16", &set_cpu_bf16, py::arg("mode"), "Force (True/False) or measure (None) the bf16 choice");
