@@ -12,7 +12,7 @@ DEPS := numpy tqdm pytest pytest-benchmark hypothesis scikit-learn triton torcha
 # Torch-Pruning is a benchmark peer; --no-deps so its torch requirement can never pull another torch.
 NODEPS := torch-pruning
 
-.PHONY: setup build test demo bench bench-kernels benchmarks gpu-check gpu-check-dry gpu-check-aot cross-aarch64 sanitize clean
+.PHONY: setup build test demo bench bench-kernels bench-amx benchmarks gpu-check gpu-check-dry gpu-check-aot cross-aarch64 sanitize clean
 
 $(VPY):
 	$(PY) -m venv --system-site-packages $(VENV)
@@ -46,6 +46,11 @@ bench: setup
 
 bench-kernels: setup
 	$(VPY) -m pysparse bench kernels --json bench_out/kernels.json --plot bench_out/kernels.png
+
+# Issue 12's one command for an AMX machine: AMX (tile-packed and previous GEMM) vs VNNI over M,
+# the crossover and the PYSPARSE_AMX_*_MIN_ROWS to set (elsewhere: what this CPU can run)
+bench-amx: setup
+	$(VPY) bench/bench_amx.py --json bench_out/amx.json
 
 # Regenerate BENCHMARKS.md: the full kernel grid and a model run (about 5 minutes on 2
 # cores; run it on a quiet machine), then the report with docs/bench/NOTES.md first.

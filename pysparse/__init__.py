@@ -39,7 +39,11 @@ def cpu_info() -> dict:
     granted AMX; ``bf16_dot_speedup``: VDPBF16PS's MAC rate over fp32 FMA's, measured once
     when pysparse loaded; ``bf16_dot``: whether bf16 blocks use VDPBF16PS; ``bf16_dot_choice``:
     "measured" (from that speedup), "forced" (set_cpu_bf16 / PYSPARSE_CPU_BF16) or
-    "unavailable" (no AVX512-BF16 at the selected path)), ``best_isa``, ``selected_isa``
+    "unavailable" (no AVX512-BF16 at the selected path); ``amx_min_rows`` /
+    ``amx_bsr_min_rows``: the rows of x from which int8_linear / bsr_int8_linear take AMX on an
+    AMX machine, below them the VNNI kernel (PYSPARSE_AMX_MIN_ROWS / PYSPARSE_AMX_BSR_MIN_ROWS);
+    ``amx_gemm``, ``amx_prefetch``: the AMX GEMM variant and prefetch distance
+    (PYSPARSE_AMX_GEMM, PYSPARSE_AMX_PREFETCH)), ``best_isa``, ``selected_isa``
     (after the cap), ``isa_cap`` (set_cpu_isa / PYSPARSE_CPU_ISA, None: none), ``bf16_mode``
     (set_cpu_bf16: True/False forced, None measured), ``threads`` (torch.get_num_threads(),
     which the kernels use) and ``ops``: each op's CPU kernel, from the same dispatch policy

@@ -68,15 +68,21 @@ def _kernel_of(m: BlockSparseLinear) -> str:
     if m.format == "bsr":
         dt = torch.bfloat16 if m.config.dtype == "bfloat16" else torch.float32
         return ops.kernel_for(dev, "bsr_linear", dtype=dt, block=m.block)
-    if m.format == "bsr-int8":
-        return ops.kernel_for(dev, "bsr_int8_linear")
-    if m.format == "dense-int8":
-        return ops.kernel_for(dev, "int8_linear")
+    if m.format in ("bsr-int8", "dense-int8"):
+        # the int8 kernel can depend on M (rows of x): on AMX machines small M takes the VNNI kernel
+        op = "bsr_int8_linear" if m.format == "bsr-int8" else "int8_linear"
+        small, large = ops.kernel_for(dev, op, M=1), ops.kernel_for(dev, op, M=1 << 20)
+        if small == large:
+            return small
+        feats = ops._C.cpu_features()
+        rows = feats.get("amx_bsr_min_rows" if op == "bsr_int8_linear" else "amx_min_rows")
+        return f"{small} below M={rows}, {large} from it"
     return "aten 2:4" if m.format == "2:4" else "aten F.linear"
 
 
 def plan_report(model: nn.Module) -> str:
     """A table of every BlockSparseLinear: shape, density, chosen format, the kernel it runs now
+    (for int8 formats, by rows of x where that matters: "cpu-avx512 below M=64, cpu-amx from it")
     and the timings behind the choice."""
     rows = [("layer", "shape (N x K)", "density", "format", "kernel", "sparse ms", "dense ms", "2:4 ms")]
     for n, m in model.named_modules():

@@ -25,8 +25,8 @@ def test_compact_bench_runs_every_contender():
     doc = cnn_bench.run_cnn(run, ["test"])
     got = {r["contender"]: r for r in doc["results"]}
     assert not doc["skipped"], doc["skipped"]
-    assert set(got) == {"dense", "dense-folded", "torch-pruning", "pysparse-compact", "pysparse-compact-int8",
-                        "onnxruntime-int8"}
+    assert set(got) == {"dense", "dense-folded", "dense-packed", "torch-pruning", "pysparse-compact",
+                        "pysparse-compact-int8", "onnxruntime-int8"}
     # 50% of the channels of every layer: about 4x fewer MACs (each conv loses half its inputs
     # and half its outputs; the stem's 3 inputs and the head's 10 outputs stay)
     assert 3.0 < got["pysparse-compact"]["mac_reduction"] < 4.2
@@ -34,8 +34,12 @@ def test_compact_bench_runs_every_contender():
     assert got["pysparse-compact-int8"]["rel_err"] < 0.1  # int8 vs the compacted fp32 model
     assert got["onnxruntime-int8"]["rel_err"] < 0.2
     assert got["dense-folded"]["rel_err"] < 1e-4  # BN folding is exact up to rounding
+    assert got["dense-packed"]["rel_err"] < 1e-4  # pysparse.compact of the unpruned model
+    like = got["pysparse-compact"]["fraction_of_mac_reduction_like_for_like"]
+    assert like == pytest.approx(got["dense-packed"]["median_ms"] / got["pysparse-compact"]["median_ms"]
+                                 / got["pysparse-compact"]["mac_reduction"])
     text = "\n".join(render_text(t) for t in tables_for(doc))
-    assert "pysparse-compact" in text and "of MAC reduction" in text
+    assert "pysparse-compact" in text and "of MAC reduction" in text and "like for like" in text
 
 
 def test_compact_bench_bad_args():

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CXX = "aarch64-linux-gnu-g++"
 UNITS = ["int8_linear_scalar.cpp", "bsr_linear_scalar.cpp", "compact_conv2d_scalar.cpp", "int8_conv2d_scalar.cpp",
-         "cpu_features.cpp", "dispatch.cpp"]
+         "cpu_features.cpp", "dispatch.cpp", "peak.cpp"]
 WRAPPERS = ["int8_linear.cpp", "bsr_linear.cpp", "compact_conv2d.cpp", "int8_conv2d.cpp"]
 
 needs_cross = pytest.mark.skipif(shutil.which(CXX) is None, reason=f"{CXX} not installed (make cross-aarch64)")
