@@ -70,6 +70,31 @@ inline void prefetch_a(const ATiles& A, int64_t mt, int64_t kt) {
   for (int r = 0; r < 16; ++r) _mm_prefetch(p + r * A.stride, _MM_HINT_T0);  // (stride 64: one 1 KB run)
 }
 
+// The C tiles tmm0..3 around a k loop: zeroed, then stored into a [.][kCCols] int32 scratch
+// (kCCols == kPackN, checked where both are known) either as 2 x 2 tiles (32 rows x 32
+// columns: tmm0 | tmm1 over tmm2 | tmm3) or as 1 x 4 (16 rows x 64 columns).
+constexpr int64_t kCCols = 64;
+inline void zero_c() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+inline void store_c_2x2(int32_t* C) {
+  constexpr int64_t ld = kCCols * 4;
+  _tile_stored(0, C, ld);
+  _tile_stored(1, C + 16, ld);
+  _tile_stored(2, C + 16 * kCCols, ld);
+  _tile_stored(3, C + 16 * kCCols + 16, ld);
+}
+inline void store_c_1x4(int32_t* C) {
+  constexpr int64_t ld = kCCols * 4;
+  _tile_stored(0, C, ld);
+  _tile_stored(1, C + 16, ld);
+  _tile_stored(2, C + 32, ld);
+  _tile_stored(3, C + 48, ld);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace pysparse

@@ -28,16 +28,14 @@ namespace cpu {
 
 namespace {
 
+static_assert(kCCols == kPackN, "the C tile helpers (amx_tiles.h) store rows of kPackN int32");
+
 // Rows 16 mt .. + 32 x outputs 32h .. 32h + 32 of block row rb, over all its stored blocks,
 // into C [32][64] int32 (columns 32h ..). pf: blocks ahead to prefetch (0: none), below `end`.
 inline void rows32_half(const BsrI8Args& b, const ATiles& A, int64_t mt, int64_t rb, int h, int pf, int32_t end,
                         int32_t* C) {
-  constexpr int64_t ldc = kPackN * 4;  // bytes per C row
   constexpr int64_t kBlk = kBsrI8Block * kBsrI8Block;
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  zero_c();
   for (int32_t blk = b.row_ptr[rb]; blk < b.row_ptr[rb + 1]; ++blk) {
     if (pf && blk + pf < end) {
       // half 0 fetches the whole block (half 1 reads its other 2 KB soon after), half 1 its own
@@ -57,23 +55,15 @@ inline void rows32_half(const BsrI8Args& b, const ATiles& A, int64_t mt, int64_t
     _tile_dpbssd(2, 5, 6);
     _tile_dpbssd(3, 5, 7);
   }
-  int32_t* c = C + 32 * h;
-  _tile_stored(0, c, ldc);
-  _tile_stored(1, c + 16, ldc);
-  _tile_stored(2, c + 16 * kPackN, ldc);
-  _tile_stored(3, c + 16 * kPackN + 16, ldc);
+  store_c_2x2(C + 32 * h);
 }
 
 // Rows 16 mt .. + 16 x all 64 outputs of block row rb into C [16][64]: one A tile and the
 // block's four B tiles per block, each loaded once (tmm5 takes the fourth B tile once
 // TDPBSSD 0 has read it: 4 C + 1 A + 3 B = 8 tiles).
 inline void rows16(const BsrI8Args& b, const ATiles& A, int64_t mt, int64_t rb, int pf, int32_t end, int32_t* C) {
-  constexpr int64_t ldc = kPackN * 4;
   constexpr int64_t kBlk = kBsrI8Block * kBsrI8Block;
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  zero_c();
   for (int32_t blk = b.row_ptr[rb]; blk < b.row_ptr[rb + 1]; ++blk) {
     if (pf && blk + pf < end) {
       const int8_t* vn = b.values + int64_t(blk + pf) * kBlk;
@@ -91,10 +81,7 @@ inline void rows16(const BsrI8Args& b, const ATiles& A, int64_t mt, int64_t rb, 
     _tile_loadd(5, v + 3 * kTileBytes, 64);
     _tile_dpbssd(3, 4, 5);
   }
-  _tile_stored(0, C, ldc);
-  _tile_stored(1, C + 16, ldc);
-  _tile_stored(2, C + 32, ldc);
-  _tile_stored(3, C + 48, ldc);
+  store_c_1x4(C);
 }
 
 // bf16: rows m .. m + 32 x outputs 16 j0 .. 16 (j0 + nj) (nj 1 or 2) of block row rb into

@@ -26,6 +26,8 @@ namespace cpu {
 
 namespace {
 
+static_assert(kCCols == kPackN, "the C tile helpers (amx_tiles.h) store rows of kPackN int32");
+
 // ---- gemm_amx_rows: the previous kernel, unchanged ----
 
 // 32 rows x 32 columns over k in [k0, k1) (multiples of 64). A is zero-padded to a
@@ -39,10 +41,7 @@ inline void micro32x32(const int8_t* a, int64_t lda, const int8_t* b0, const int
     _tile_loadd(2, C + 16 * kPackN, ldc);
     _tile_loadd(3, C + 16 * kPackN + 16, ldc);
   } else {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
+    zero_c();
   }
   for (int64_t k = k0; k < k1; k += 64) {
     _tile_loadd(4, a + k, lda);
@@ -54,15 +53,11 @@ inline void micro32x32(const int8_t* a, int64_t lda, const int8_t* b0, const int
     _tile_dpbssd(2, 5, 6);
     _tile_dpbssd(3, 5, 7);
   }
-  _tile_stored(0, C, ldc);
-  _tile_stored(1, C + 16, ldc);
-  _tile_stored(2, C + 16 * kPackN, ldc);
-  _tile_stored(3, C + 16 * kPackN + 16, ldc);
+  store_c_2x2(C);
 }
 
 // ---- gemm_amx: the issue 12 kernel ----
 
-constexpr int64_t kLdcBytes = kPackN * 4;  // bytes per row of the C scratch [.][64] int32
 
 // Rows 16 mt .. + 32 x the 32 columns of the 16-column blocks b0, b1, over k tiles
 // [kt0, kt1), C in tmm0..3 for the whole range (zeroed first), then stored to C [32][64].
@@ -70,10 +65,7 @@ constexpr int64_t kLdcBytes = kPackN * 4;  // bytes per row of the C scratch [.]
 // pf: prefetch distance in steps (0: none), ktn: the k tiles in K (no prefetch past them).
 inline void pass32(const ATiles& A, int64_t mt, const int8_t* b0, const int8_t* b1, int64_t kt0, int64_t kt1,
                    int pf, int64_t ktn, int32_t* C) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  zero_c();
   for (int64_t kt = kt0; kt < kt1; ++kt) {
     if (pf && kt + pf < ktn) {
       prefetch_a(A, mt, kt + pf);
@@ -90,10 +82,7 @@ inline void pass32(const ATiles& A, int64_t mt, const int8_t* b0, const int8_t* 
     _tile_dpbssd(2, 5, 6);
     _tile_dpbssd(3, 5, 7);
   }
-  _tile_stored(0, C, kLdcBytes);
-  _tile_stored(1, C + 16, kLdcBytes);
-  _tile_stored(2, C + 16 * kPackN, kLdcBytes);
-  _tile_stored(3, C + 16 * kPackN + 16, kLdcBytes);
+  store_c_2x2(C);
 }
 
 // Rows 16 mt .. + 16 x all 64 columns of the chunk whose first 16-column block is b (blocks
@@ -104,10 +93,7 @@ inline void pass32(const ATiles& A, int64_t mt, const int8_t* b0, const int8_t* 
 inline void pass16(const ATiles& A, int64_t mt, const int8_t* b, int64_t bstride, int64_t kt0, int64_t kt1, int pf,
                    int64_t ktn, int32_t* C) {
   const int8_t *b0 = b, *b1 = b + bstride, *b2 = b + 2 * bstride, *b3 = b + 3 * bstride;
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  zero_c();
   for (int64_t kt = kt0; kt < kt1; ++kt) {
     if (pf && kt + pf < ktn) {
       const int64_t o = (kt + pf) * kTileBytes;
@@ -128,10 +114,7 @@ inline void pass16(const ATiles& A, int64_t mt, const int8_t* b, int64_t bstride
     _tile_loadd(5, b3 + o, 64);
     _tile_dpbssd(3, 4, 5);
   }
-  _tile_stored(0, C, kLdcBytes);
-  _tile_stored(1, C + 16, kLdcBytes);
-  _tile_stored(2, C + 32, kLdcBytes);
-  _tile_stored(3, C + 48, kLdcBytes);
+  store_c_1x4(C);
 }
 }  // namespace
 

@@ -60,26 +60,16 @@ class PackedConv2d(nn.Conv2d):
         self._packed: Optional[tuple[tuple, torch.Tensor]] = None
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, example_shape: Optional[tuple[int, ...]] = None) -> "PackedConv2d":
-        """A PackedConv2d sharing ``conv``'s weight and bias Parameters (nothing copied), packed
-        ahead for inputs of ``example_shape`` (N, C, H, W) when given."""
+    def from_conv(cls, conv: nn.Conv2d) -> "PackedConv2d":
+        """A PackedConv2d sharing ``conv``'s weight and bias Parameters (nothing copied); it
+        packs on its first eligible call, one copy per input shape."""
         if type(conv) is not nn.Conv2d:
             raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
         new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.__dict__.update({k: v for k, v in conv.__dict__.items()
-                             if k not in ("_parameters", "_buffers", "_modules")})
-        new._parameters = dict(conv._parameters)
-        new._buffers = dict(conv._buffers)
-        new._modules = dict(conv._modules)
+        new.__dict__.update(conv.__dict__)
+        for k in ("_parameters", "_buffers", "_modules"):  # own dicts, the same tensors
+            new.__dict__[k] = dict(conv.__dict__[k])
         new._packed = None
-        if example_shape is not None and len(example_shape) == 4:
-            x = torch.empty(example_shape, dtype=conv.weight.dtype).contiguous(
-                memory_format=torch.channels_last if conv.weight.is_contiguous(memory_format=torch.channels_last)
-                else torch.contiguous_format)
-            with torch.no_grad():
-                if _packable(new, x, new.weight, new.bias):
-                    new._pack(x)
         return new
 
     def _key(self, x: torch.Tensor) -> tuple:
@@ -117,8 +107,7 @@ class PackedConv2d(nn.Conv2d):
 
     def __getstate__(self) -> dict:
         # the packed copy is an opaque oneDNN tensor: never pickled or deep-copied (rebuilt on use)
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
+        state = self.__dict__.copy()
         state["_packed"] = None
         return state
 
