@@ -15,12 +15,21 @@ from .nn import Int8Conv2d, Int8Linear
 _ACT_KIND = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 
 
-def int8_conv_pays() -> bool:
-    """Whether int8 convolutions are expected to beat fp32 ones on this CPU now: the path the
-    dispatch policy gives int8_conv2d has int8 dot products (AVX-512 VNNI or AMX)."""
+def int8_conv_pays(conv: Optional[nn.Module] = None) -> bool:
+    """Whether an int8 convolution is expected to beat the fp32 one on this CPU now.
+
+    The path the dispatch policy gives int8_conv2d must have a fast int8 GEMM: AVX2 (VPMADDUBSW
+    on the non-negative or >= -127 activations, measured 1.2x-2.4x oneDNN's fp32 conv on
+    ResNet-50 shapes at one thread), AVX-512 VNNI or AMX. Given ``conv``, a depthwise one (groups
+    == in == out channels) does not: its kernel widens to s16 (VPMULLW) on every path, measured
+    0.43x-0.96x of fp32 (MobileNetV2 shapes, AVX2)."""
     from . import ops
 
-    return ops.kernel_for("cpu", "int8_conv2d") in ("cpu-avx512", "cpu-amx")
+    if ops.kernel_for("cpu", "int8_conv2d") not in ("cpu-avx2", "cpu-avx512", "cpu-amx"):
+        return False
+    if isinstance(conv, nn.Conv2d) and conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels:
+        return False
+    return True
 
 
 def _is_target(m: nn.Module) -> bool:
@@ -134,12 +143,10 @@ def quantize_int8(model: nn.Module, *, activations: str = "dynamic", calibration
     convs: also convert nn.Conv2d (grouped and depthwise too) to Int8Conv2d: weights per output
     channel, the input per tensor (static: calibrated; dynamic: one scale per image at run
     time); a BatchNorm2d and a ReLU/ReLU6 module that only the conv feeds are folded into it
-    (they become nn.Identity). None (default): where it pays on this CPU, i.e. where the int8
-    conv kernel has int8 dot-product instructions (AVX-512 VNNI or AMX: 4x or more the fp32 MACs
-    per cycle). On an AVX2-only CPU the int8 GEMM multiplies at the fp32 FMA rate (VPMADDWD,
-    exact sums): measured 0.7x-1.0x of oneDNN's fp32 conv on ResNet-50 shapes (1.4x-1.85x at
-    7x7x512), so convolutions stay fp32 there unless convs=True. SmoothQuant applies to Linear
-    layers only.
+    (they become nn.Identity). None (default): the convolutions where it pays on this CPU
+    (int8_conv_pays: every non-depthwise conv where the int8 conv kernel is AVX2, AVX-512 VNNI or
+    AMX; depthwise convs stay fp32, their int8 kernel measured slower than oneDNN's); True: every
+    conv; False: none. SmoothQuant applies to Linear layers only.
 
     Every argument is checked and every layer converted before the model changes: on any error
     the model is as it was. A bare nn.Linear / nn.Conv2d is returned converted.
@@ -163,8 +170,10 @@ def quantize_int8(model: nn.Module, *, activations: str = "dynamic", calibration
     if convs is not None and not isinstance(convs, bool):
         raise TypeError(f"convs must be None, True or False, got {convs!r}")
     if convs is None:
-        convs = int8_conv_pays()
-    layers = _modules.targets(model, skip, predicate=_is_target if convs else _modules.is_linear, replaceable=True)
+        pick = lambda m: _modules.is_linear(m) or (isinstance(m, nn.Conv2d) and int8_conv_pays(m))  # noqa: E731
+    else:
+        pick = _is_target if convs else _modules.is_linear
+    layers = _modules.targets(model, skip, predicate=pick, replaceable=True)
     if not layers:
         raise ValueError("model has no nn.Linear or nn.Conv2d layer to quantize (or all are skipped)")
     conv_layers = {n: m for n, m in layers.items() if isinstance(m, nn.Conv2d)}

@@ -341,7 +341,7 @@ def test_conv_layers_int8_only_where_it_pays_or_asked(one_thread):
     assert all("int8" in r.ms for r in p.layers)  # listed: offered to convs as well
     p2 = plan(model, x, eval_fn=_agreement_conv(model, x), budget=0.01, densities=(0.5,), progress=False)
     conv_rows = [r for r in p2.layers if r.kind == "conv2d"]
-    assert all(("int8" in r.ms) == int8_conv_pays() for r in conv_rows)
+    assert all(("int8" in r.ms) == int8_conv_pays(model.get_submodule(r.name)) for r in conv_rows)
     assert all(not any(f.startswith("bsr") for f in r.ms) for r in conv_rows)
     for r in p.layers:
         r.chosen = "int8"

@@ -42,6 +42,12 @@ struct GemmArgs {
   // gemm_amx / bsr_i8_amx only: how far ahead they prefetch (dispatch.h amx_prefetch; < 0:
   // the kernels' default, 0: no software prefetch).
   int prefetch = -1;
+  // gemm_avx2 only (the others ignore both). K: the valid reduction length (0: Kp); the
+  // kernel stops at round_up(K, 4), the rest of Kp being zero padding in A and B.
+  // a_min: a lower bound of A's values (s8 view), from act_min_avx2: >= 0 or >= -127 let
+  // it multiply with VPMADDUBSW exactly (see int8_linear_avx2.cpp); -128: no bound known.
+  int64_t K = 0;
+  int a_min = -128;
 };
 
 // Tile-packed activations for the AMX kernels: At[Mt][Kp/64][16][64] int8, Mt = ceil(M/16).
@@ -115,6 +121,8 @@ void quantize_rows_avx2(const void* x, InType t, int64_t ldx, int64_t K, int64_t
 void quantize_rows_avx512(const void* x, InType t, int64_t ldx, int64_t K, int64_t Kp,
                           int64_t m0, int64_t m1, float scale_in, bool u8, int8_t* a,
                           float* scale_out);
+// The smallest of n int8 values (127 for n == 0): GemmArgs.a_min for gemm_avx2.
+int act_min_avx2(const int8_t* a, int64_t n);
 #endif
 
 }  // namespace cpu

@@ -139,10 +139,13 @@ inline void epilogue_group(const GemmArgs& g, int64_t m, int64_t rows, int64_t g
     return;
   }
   const float* ws = g.w_scale + gi * g.Np + n0;
+  // Columns up to N only: epilogue_store reads no more, and gemm_avx2 leaves C's padding
+  // columns unwritten.
+  const int64_t nn = std::min(kPackN, g.N - n0);
   for (int64_t r = 0; r < rows; ++r) {
     const int32_t* cr = C + r * kPackN;
     float* fr = F + r * kPackN;
-    for (int64_t j = 0; j < kPackN; ++j) {
+    for (int64_t j = 0; j < nn; ++j) {
       // Wrap-around arithmetic: the true sum fits in int32 (|K| * 128 * 128 < 2^31).
       int32_t acc = u8 ? int32_t(uint32_t(cr[j]) - 128u * uint32_t(cs[j])) : cr[j];
       float v = static_cast<float>(acc) * ws[j];

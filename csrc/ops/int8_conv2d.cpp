@@ -260,6 +260,8 @@ Tensor int8_conv2d(const Tensor& x, const Tensor& packed, const Tensor& colsum, 
   }
   float* op = int8_out ? nullptr : out.data_ptr<float>();
   int8_t* oq = int8_out ? out.data_ptr<int8_t>() : nullptr;
+  // The gathered patches hold these bytes and the zero fill: their minimum serves them too.
+  const int a_min = p.depthwise ? -128 : ops::act_min(isa, qp, qrows * ldq);
 
   if (p.depthwise) {
     cpu::DwArgs a{g, qp, pix_bad.data(), img_scale.data(), packed.data_ptr<int8_t>(),
@@ -331,6 +333,8 @@ Tensor int8_conv2d(const Tensor& x, const Tensor& packed, const Tensor& colsum, 
       ga.out = int8_out ? obuf.data() : op + p0 * p.cout + gi * p.og;
       ga.ldo = int8_out ? p.og : p.cout;
       ga.out_type = cpu::OutType::F32;
+      ga.K = p.K;
+      ga.a_min = a_min;
       const int64_t c0 = s * cps, c1 = std::min(nchunks, c0 + cps);
       fn(ga, 0, rows, c0, c1, cbuf.data(), fbuf.data());
       // Activation (and requantization) in the same pass, while the block is in cache.

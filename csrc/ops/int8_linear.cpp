@@ -192,7 +192,8 @@ Tensor int8_mm(const Tensor& a, const Tensor& packed, const Tensor& colsum, int6
   GemmArgs g{tiles ? nullptr : ap.data_ptr<int8_t>(), M, tiles ? round_up(M, 16) : round_up(M, 32), N, Np, Kp,
              packed.data_ptr<int8_t>(), colsum.data_ptr<int32_t>(), nullptr, nullptr, Kp, nullptr,
              out.data_ptr<int32_t>(), N, cpu::OutType::I32, tiles ? ap.data_ptr<int8_t>() : nullptr,
-             cpu::amx_prefetch()};
+             cpu::amx_prefetch(), K};
+  g.a_min = ops::act_min(isa, ap.data_ptr<int8_t>(), ap.numel());
   run_gemm(g, isa);
   return out;
 }
@@ -235,7 +236,8 @@ Tensor int8_linear(const Tensor& x, const Tensor& packed, const Tensor& colsum,
   GemmArgs g{tiles ? nullptr : app, M, Mp, N, Np, Kp, packed.data_ptr<int8_t>(), colsum.data_ptr<int32_t>(),
              asp, w_scale.data_ptr<float>(), Kp / G,
              bias ? bias->data_ptr<float>() : nullptr, out.data_ptr(), N, ot, tiles ? app : nullptr,
-             cpu::amx_prefetch()};
+             cpu::amx_prefetch(), K};
+  g.a_min = ops::act_min(isa, app, q.a.numel());
   run_gemm(g, isa);
   return out;
 }

@@ -115,10 +115,10 @@ def candidates(m: nn.Module, densities: tuple[float, ...], wanted: Optional[list
         if _two_four_ok(m):
             out.append("2:4")
     elif kind == "conv2d":
-        # int8 convs pay only with int8 dot products (VNNI / AMX): on AVX2 they multiply at the fp32
-        # rate (measured 0.7x-1.0x of oneDNN, see quantize_int8); offered there only when asked for.
+        # int8 offered where it pays (int8_conv_pays: not depthwise, not the scalar kernel), or
+        # when asked for.
         cpu = m.weight.device.type == "cpu" and m.padding_mode == "zeros"
-        if cpu and (int8_conv_pays() or (wanted is not None and "int8" in wanted)):
+        if cpu and (int8_conv_pays(m) or (wanted is not None and "int8" in wanted)):
             out.append("int8")
     if wanted is not None:
         out = [f for f in out if f == "dense" or f in wanted]

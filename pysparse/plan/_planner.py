@@ -76,7 +76,7 @@ def plan(model: nn.Module, example_inputs: Any, *, eval_fn: Optional[Callable[[n
     formats: restrict the candidates (names: "dense", "int8", "bsr:<density>",
       "bsr-int8:<density>", "bsr" / "bsr-int8" for each of ``densities``, "2:4"); default:
       every format that applies to the layer on this machine. Conv2d layers get "int8" only
-      where int8 convs pay (pysparse.quantize.int8_conv_pays: VNNI / AMX) or when listed here.
+      where int8 convs pay (pysparse.quantize.int8_conv_pays: AVX2, VNNI or AMX, not depthwise) or when listed here.
       Without eval_fn only the formats listed here are considered, chosen by speed alone, and
       the budget is ignored (a warning says so); with neither, every layer stays dense.
     densities: fractions of blocks kept for the block-sparse formats.
