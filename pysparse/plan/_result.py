@@ -39,15 +39,31 @@ class LayerPlan:
     aliases: list[str] = field(default_factory=list)
     features: list[int] = field(default_factory=list)  # [in, out] features / channels, checked by apply
     model_ms: Optional[float] = None  # the dense model's ms in this layer's timing run (interleaved with it)
+    # [format, ms per call, the dense model's ms in that run(, the dense layer's ms per call inside
+    # the dense model)]: the chosen format timed again as it runs inside the planned model (and the
+    # dense layer as it ran inside the dense model, where hooks could time it: CPU); None: not
+    # re-timed (the plan chose dense everywhere, or a plan saved before it was measured)
+    in_plan: Optional[list] = None
 
     def saved_ms(self, dense_model_ms: Optional[float] = None) -> float:
-        """Time per forward the choice saves over dense: calls x per-call difference, scaled by
-        dense_model_ms / model_ms (this layer's times as a fraction of the model timed beside them,
-        in units of the plan's dense model time)."""
-        s = self.calls * (self.ms["dense"] - self.ms[self.chosen])
-        if dense_model_ms is not None and self.model_ms:
-            s *= dense_model_ms / self.model_ms
-        return s
+        """Time per forward the choice saves over dense: calls x per-call difference, each time
+        scaled by dense_model_ms / the model time measured beside it (in units of the plan's dense
+        model time). The chosen format's time is its in-plan one when that is for this format."""
+        def scaled(ms: float, beside: Optional[float]) -> float:
+            return ms * dense_model_ms / beside if dense_model_ms is not None and beside else ms
+
+        dense = scaled(self.ms["dense"], self.model_ms)
+        if self.in_plan is not None and self.in_plan[0] == self.chosen:
+            chosen = scaled(float(self.in_plan[1]), float(self.in_plan[2]))
+            if len(self.in_plan) > 3:
+                # dense timed inside the dense model (hooks), chosen inside the planned model's
+                # cache state: both raw, as the model time is. Scaled by the model timed beside it,
+                # the chosen time was 5-8% too high: that model ran warmer there (after the other
+                # planned layers, not after a scrub), which is cache, not load.
+                dense, chosen = float(self.in_plan[3]), float(self.in_plan[1])
+        else:
+            chosen = scaled(self.ms[self.chosen], self.model_ms)
+        return self.calls * (dense - chosen)
 
 
 def model_ms(models: dict[str, nn.Module], inputs: Any, *, cuda: bool = False) -> dict[str, float]:
