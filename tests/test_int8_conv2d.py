@@ -244,6 +244,16 @@ def test_nan_inf_poison_their_windows(isa):
         assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(ref))
     md = Int8Conv2d.from_float(make_conv(16, 16, 3, 1, 1, 1, 1), x_scale=None)  # dynamic: amax ignores them
     assert torch.equal(torch.nan_to_num(md(x)), torch.nan_to_num(reference_of(md, x)))
+    # few channels (an RGB stem, 7x7 stride 2): the input quantizes as one vectorized row per
+    # block and goes back pixel by pixel only when a value is not finite; the 21-byte tap runs
+    # are copied 32 bytes at a time
+    ms = Int8Conv2d.from_float(make_conv(3, 8, 7, 2, 3, 1, 1), x_scale=0.03)
+    xs = torch.randn(2, 3, 20, 20)
+    assert torch.equal(ms(xs), reference_of(ms, xs))
+    xs[1, 2, 19, 19] = float("nan")
+    y, ref = ms(xs), reference_of(ms, xs)
+    assert torch.equal(y.isnan(), ref.isnan()) and bool(y[1, :, 8:, 8:].isnan().all()) and not bool(y[0].isnan().any())
+    assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(ref))
 
 
 def test_threads_respected():

@@ -51,7 +51,10 @@ inline int8_t requant(float v, float inv) {
 // kh*kw*cg are filled with `fill`, the quantized zero: 0, or 0x80 in the u8 view).
 // Taps outside the image get `fill` too (zero padding). Each output pixel's scale is
 // its image's scale, or NaN when any input pixel it reads held NaN/Inf (pix_bad), so
-// the output pixel is NaN, as a float convolution would make it.
+// the output pixel is NaN, as a float convolution would make it. pix_bad == nullptr: no
+// input pixel is bad (the caller checked), and the per-tap checks are skipped (49 byte
+// loads an output pixel for 7x7).
+
 inline void gather_patches(const ConvGeom& g, const int8_t* qx, const uint8_t* pix_bad,
                            const float* img_scale, int64_t p0, int64_t rows, int64_t c0,
                            int64_t cg, int64_t lda, int8_t fill, int8_t* a, float* a_scale) {
@@ -59,6 +62,12 @@ inline void gather_patches(const ConvGeom& g, const int8_t* qx, const uint8_t* p
   // With dilation 1 and one group, the kw taps of a kernel row are one contiguous run of
   // kw * C input bytes: one memcpy instead of kw (3x fewer calls for 3x3).
   const bool row_run = g.dw == 1 && cg == g.C;
+  // A run of at most 32 bytes (the 7x7 stem's 7 x 3 channels) is copied as a fixed 32 bytes
+  // where the input and the row have room (the bytes past the run are overwritten by the next
+  // run or the padding fill below): a constant-size copy is two 16-byte moves, where the call
+  // to memcpy for 21 bytes measured most of the stem's gather.
+  const int64_t run_bytes = g.kw * cg, in_bytes = g.N * g.H * g.W * g.C;
+  const bool short_run = row_run && run_bytes <= 32;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t p = p0 + r;
     const int64_t n = p / (g.Ho * g.Wo), rem = p % (g.Ho * g.Wo);
@@ -75,8 +84,13 @@ inline void gather_patches(const ConvGeom& g, const int8_t* qx, const uint8_t* p
       }
       const int64_t pix_row = (n * g.H + ih) * g.W;
       if (row_run && iw0 >= 0 && iw0 + g.kw <= g.W) {
-        std::memcpy(drow, qx + (pix_row + iw0) * g.C, size_t(g.kw * cg));
-        for (int64_t kj = 0; kj < g.kw; ++kj) bad |= pix_bad[pix_row + iw0 + kj] != 0;
+        const int64_t src = (pix_row + iw0) * g.C;
+        if (short_run && src + 32 <= in_bytes && ki * run_bytes + 32 <= lda)
+          std::memcpy(drow, qx + src, 32);
+        else
+          std::memcpy(drow, qx + src, size_t(run_bytes));
+        if (pix_bad)
+          for (int64_t kj = 0; kj < g.kw; ++kj) bad |= pix_bad[pix_row + iw0 + kj] != 0;
         continue;
       }
       for (int64_t kj = 0; kj < g.kw; ++kj) {
@@ -85,7 +99,7 @@ inline void gather_patches(const ConvGeom& g, const int8_t* qx, const uint8_t* p
           std::memset(drow + kj * cg, fill, size_t(cg));
         } else {
           std::memcpy(drow + kj * cg, qx + (pix_row + iw) * g.C + c0, size_t(cg));
-          bad |= pix_bad[pix_row + iw] != 0;
+          bad |= pix_bad && pix_bad[pix_row + iw] != 0;
         }
       }
     }
