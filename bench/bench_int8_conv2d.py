@@ -73,11 +73,15 @@ def _ao_available() -> Optional[str]:
     return None
 
 
-def build(case: ConvCase) -> tuple[torch.Tensor, torch.Tensor, dict[str, Callable[[], torch.Tensor]]]:
-    """The input, the fp32 output, and each contender's call (float output)."""
+def build(case: ConvCase, inp: str = "randn") -> tuple[torch.Tensor, torch.Tensor, dict[str, Callable[[], torch.Tensor]]]:
+    """The input, the fp32 output, and each contender's call (float output). inp: "randn" (signed
+    input: pysparse's VPSIGNB form on AVX2) or "relu" (relu(randn): what a conv after a ReLU sees,
+    every conv of a ResNet but the stem: the unsigned VPMADDUBSW form)."""
     torch.manual_seed(0)
     conv = nn.Conv2d(case.cin, case.cout, case.k, case.stride, case.k // 2).eval()
     x = torch.randn(case.batch, case.cin, case.hw, case.hw).contiguous(memory_format=torch.channels_last)
+    if inp == "relu":
+        x = torch.relu(x)
     x_scale = float(x.abs().amax()) / 127
     with torch.no_grad():
         conv_cl = conv.to(memory_format=torch.channels_last)
@@ -106,10 +110,11 @@ def build(case: ConvCase) -> tuple[torch.Tensor, torch.Tensor, dict[str, Callabl
         # which can saturate with full-range u8. Measured here on these layers: 10-11%
         # relative error with full-range u8, 2.0-2.4% with 7 bits; pysparse (exact int32
         # sums through VPMADDWD, 8-bit activations) 1.0-1.1%.
-        ao_scale = 2 * float(x.abs().amax()) / 127
-        xq = torch.quantize_per_tensor(x, ao_scale, 64, torch.quint8)
+        # (a non-negative input: [0, amax] over the 128 levels, zero point 0)
+        ao_scale, zp = (2 * float(x.abs().amax()) / 127, 64) if inp != "relu" else (float(x.amax()) / 127, 0)
+        xq = torch.quantize_per_tensor(x, ao_scale, zp, torch.quint8)
         calls["ao_x86"] = lambda: qc(xq)
-        calls["ao_x86_f32"] = lambda: qc(torch.quantize_per_tensor(x, ao_scale, 64, torch.quint8)).dequantize()
+        calls["ao_x86_f32"] = lambda: qc(torch.quantize_per_tensor(x, ao_scale, zp, torch.quint8)).dequantize()
     return x, ref, calls
 
 
@@ -168,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("PYSPARSE_BENCH_THREADS", "2")))
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--input", choices=["randn", "relu"], default="relu",
+                    help="relu (default): relu(randn), what convs after a ReLU see; randn: signed input")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: one thread, process CPU time per call (interleaved, medians): robust when "
                          "other jobs share the cores, which make 2-thread wall times meaningless")
@@ -178,13 +185,13 @@ def main(argv=None) -> int:
     cfg = TimingConfig(rounds=args.rounds)
     load0 = os.getloadavg()
     rows = []
-    print(f"clock={args.clock} threads={args.threads} load={load0[0]:.2f} cpu={cpu_model()} isa={__import__('pysparse').cpu_info()['best_isa']}")
+    print(f"input={args.input} clock={args.clock} threads={args.threads} load={load0[0]:.2f} cpu={cpu_model()} isa={__import__('pysparse').cpu_info()['best_isa']}")
     hdr = f"{'layer':22s} {'b':>2s} {'fp32 ms':>9s} {'pysparse':>9s} {'ao_x86':>9s} {'ao f32io':>9s} " \
           f"{'fp32/ps':>8s} {'ao/ps':>7s} {'GMAC/s ps':>9s} {'err ps':>7s}"
     print(hdr + f" {'err ao':>7s}")
     with torch.no_grad():
         for case in cases(tuple(args.batches)):
-            _, ref, calls = build(case)
+            _, ref, calls = build(case, args.input)
             items = [Timed(n, f, check=lambda y: rel_err(y, ref)) for n, f in calls.items()]
             st = time_interleaved(items, cfg) if args.clock == "wall" else time_cpu(items, args.rounds)
             med = {n: s.median_ms for n, s in st.items()}
@@ -202,7 +209,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), cpu=cpu_model(), versions=versions(),
-                           threads=args.threads, clock=args.clock, load=[load0, load1], rows=rows), f, indent=1)
+                           threads=args.threads, clock=args.clock, input=args.input, load=[load0, load1], rows=rows),
+                      f, indent=1)
     return 0
 
 
