@@ -126,7 +126,9 @@ def build_contenders(run: CnnRun, notes: list[str], skipped: list[dict]) -> dict
     out: dict[str, tuple[Any, Callable]] = {"dense": (model, lambda m, x: m(x))}
     cl = lambda m, x: m(x.contiguous(memory_format=torch.channels_last))  # noqa: E731
     out["dense-folded"] = (_fold(model), cl)
-    out["dense-packed"] = (pysparse.compact(copy.deepcopy(model), (example,)), cl)
+    # pysparse's inference treatment, for the unpruned model too (like for like): prepacked convs
+    # and the residual adds (+ ReLU) fused into the conv before them
+    out["dense-packed"] = (pysparse.compact(copy.deepcopy(model), (example,), fuse_residual=True), cl)
     if "torch-pruning" in run.peers:
         try:
             out["torch-pruning"] = (_torch_pruning(model, example, run.amount), cl)
@@ -134,8 +136,8 @@ def build_contenders(run: CnnRun, notes: list[str], skipped: list[dict]) -> dict
             skipped.append({"contender": "torch-pruning", "reason": f"{type(e).__name__}: {e}".splitlines()[0]})
     masked = copy.deepcopy(model)
     pysparse.prune.filters(masked, run.amount, criterion="l1", example_inputs=(example,))
-    compacted = pysparse.compact(masked, (example,))
-    out["pysparse-compact"] = (compacted, cl)
+    compacted = pysparse.compact(copy.deepcopy(masked), (example,))  # what int8 and the ONNX export start from
+    out["pysparse-compact"] = (pysparse.compact(masked, (example,), fuse_residual=True), cl)
     calib = [torch.randn(4, *run.input_shape) for _ in range(4)]
     if run.int8:
         try:

@@ -29,7 +29,7 @@ def _inputs(inputs: tuple) -> list[dict[str, Any]]:
 
 
 def record(g: ChannelGraph, zeros: dict, inputs: tuple, *, fold_bn: bool, channels_last: bool,
-           compact_conv2d: bool) -> dict:
+           compact_conv2d: bool, fuse_residual: bool = False) -> dict:
     """The compaction record of the traced, pruned model ``g`` with its exactly-zero channels
     ``zeros`` (computed before anything changes). A layer called more than once with different
     zero channels cannot be replayed from one pattern: it is left out and the record marked
@@ -46,5 +46,8 @@ def record(g: ChannelGraph, zeros: dict, inputs: tuple, *, fold_bn: bool, channe
             unreplayable = unreplayable or name
             continue
         live[name] = {"channels": int(pats[0].numel()), "kept": (~pats[0]).nonzero().flatten().tolist()}
-    return {"fold_bn": bool(fold_bn), "channels_last": bool(channels_last), "compact_conv2d": bool(compact_conv2d),
-            "inputs": _inputs(inputs), "live": live, "graph_sha256": None, "unreplayable": unreplayable}
+    rec = {"fold_bn": bool(fold_bn), "channels_last": bool(channels_last), "compact_conv2d": bool(compact_conv2d),
+           "inputs": _inputs(inputs), "live": live, "graph_sha256": None, "unreplayable": unreplayable}
+    if fuse_residual:  # only when set: files written before the option existed stay as they were
+        rec["fuse_residual"] = True
+    return rec

@@ -63,9 +63,11 @@ def graph_digest(gm: fx.GraphModule) -> str:
 def check_record(rec: Any) -> dict:
     """A compaction record from a file, every field checked (ManifestError names it)."""
     want = {"fold_bn", "channels_last", "compact_conv2d", "inputs", "live", "graph_sha256", "unreplayable"}
-    if not isinstance(rec, dict) or set(rec) != want:
-        raise ManifestError(f"manifest compaction: fields must be {sorted(want)}, got "
+    if not isinstance(rec, dict) or set(rec) - {"fuse_residual"} != want:
+        raise ManifestError(f"manifest compaction: fields must be {sorted(want)} (and optionally fuse_residual), got "
                             f"{sorted(rec) if isinstance(rec, dict) else type(rec).__name__}")
+    if rec.get("fuse_residual", True) is not True:
+        raise ManifestError("manifest compaction: fuse_residual, where present, must be true")
     if rec["unreplayable"] is not None:
         raise ManifestError(f"manifest compaction: layer {rec['unreplayable']!r:.80} was marked unreplayable")
     for k in ("fold_bn", "channels_last", "compact_conv2d"):
@@ -140,7 +142,7 @@ def rebuild(work: nn.Module, rec: dict) -> fx.GraphModule:
     inputs = tuple(torch.zeros(e["shape"], dtype=INPUT_DTYPES[e["dtype"]]) for e in rec["inputs"])
     try:
         gm = _compact(work, inputs, fold_bn=rec["fold_bn"], channels_last=rec["channels_last"], inplace=True,
-                      compact_conv2d=rec["compact_conv2d"])
+                      compact_conv2d=rec["compact_conv2d"], fuse_residual=rec.get("fuse_residual", False))
     except (RuntimeError, TypeError, IndexError, AssertionError) as e:
         raise ManifestError(f"rebuilding the compacted model from the given one failed ({type(e).__name__}: "
                             f"{e}); the file's compaction does not fit this architecture") from None
