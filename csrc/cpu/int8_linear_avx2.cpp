@@ -103,39 +103,21 @@ inline void micro4x16(const int8_t* a, int64_t lda, const int8_t* b, int64_t k0,
   const int8_t* a1 = a + lda + k0;  // rows 0 and 1; rows 2 and 3 are 2 * lda further
   const int8_t* bk = b + k0 * 16;
   int64_t steps = (k1 - k0) / 4;
+// One k group a step: B's two halves into ymm8-9 (LOADB), the 4 rows (ROW), the pointers on.
+#define PYSPARSE_LOOP(LOADB, ROW)                                                                   \
+  asm volatile("1:\n\t" LOADB PYSPARSE_ROWS(ROW)                                                   \
+               "add $4, %[a0]\n\tadd $4, %[a1]\n\tadd $64, %[b]\n\tdec %[n]\n\tjnz 1b\n\t"           \
+               : [c0] "+x"(c0), [c1] "+x"(c1), [c2] "+x"(c2), [c3] "+x"(c3), [c4] "+x"(c4), [c5] "+x"(c5), \
+                 [c6] "+x"(c6), [c7] "+x"(c7), [a0] "+r"(a0), [a1] "+r"(a1), [b] "+r"(bk), [n] "+r"(steps) \
+               : [lda] "r"(lda), [ones] "x"(ones)                                                    \
+               : "xmm8", "xmm9", "xmm10", "xmm12", "xmm13", "cc", "memory")
   if (steps > 0) {
-    if (kSigned) {
-      asm volatile(
-          "1:\n\t"
-          "vpabsb (%[b]), %%ymm8\n\t"
-          "vpabsb 32(%[b]), %%ymm9\n\t"
-          PYSPARSE_ROWS(PYSPARSE_S)
-          "add $4, %[a0]\n\t"
-          "add $4, %[a1]\n\t"
-          "add $64, %[b]\n\t"
-          "dec %[n]\n\t"
-          "jnz 1b\n\t"
-          : [c0] "+x"(c0), [c1] "+x"(c1), [c2] "+x"(c2), [c3] "+x"(c3), [c4] "+x"(c4), [c5] "+x"(c5),
-            [c6] "+x"(c6), [c7] "+x"(c7), [a0] "+r"(a0), [a1] "+r"(a1), [b] "+r"(bk), [n] "+r"(steps)
-          : [lda] "r"(lda), [ones] "x"(ones)
-          : "xmm8", "xmm9", "xmm10", "xmm12", "xmm13", "cc", "memory");
-    } else {
-      asm volatile(
-          "1:\n\t"
-          "vmovdqu (%[b]), %%ymm8\n\t"
-          "vmovdqu 32(%[b]), %%ymm9\n\t"
-          PYSPARSE_ROWS(PYSPARSE_U)
-          "add $4, %[a0]\n\t"
-          "add $4, %[a1]\n\t"
-          "add $64, %[b]\n\t"
-          "dec %[n]\n\t"
-          "jnz 1b\n\t"
-          : [c0] "+x"(c0), [c1] "+x"(c1), [c2] "+x"(c2), [c3] "+x"(c3), [c4] "+x"(c4), [c5] "+x"(c5),
-            [c6] "+x"(c6), [c7] "+x"(c7), [a0] "+r"(a0), [a1] "+r"(a1), [b] "+r"(bk), [n] "+r"(steps)
-          : [lda] "r"(lda), [ones] "x"(ones)
-          : "xmm8", "xmm9", "xmm10", "xmm12", "xmm13", "cc", "memory");
-    }
+    if (kSigned)
+      PYSPARSE_LOOP("vpabsb (%[b]), %%ymm8\n\tvpabsb 32(%[b]), %%ymm9\n\t", PYSPARSE_S);
+    else
+      PYSPARSE_LOOP("vmovdqu (%[b]), %%ymm8\n\tvmovdqu 32(%[b]), %%ymm9\n\t", PYSPARSE_U);
   }
+#undef PYSPARSE_LOOP
   const __m256i acc[8] = {c0, c1, c2, c3, c4, c5, c6, c7};
   for (int64_t r = 0; r < rows; ++r) {
     for (int h = 0; h < 2; ++h) {
