@@ -55,7 +55,7 @@ def _int8_conv2d_pack_fake(w: torch.Tensor, groups: int = 1):
 @torch.library.register_fake("pysparse::int8_conv2d")
 def _int8_conv2d_fake(x, packed, colsum, w_scale, bias, x_scale, kernel_size, stride, padding, dilation,
                       groups: int, in_channels: int, out_channels: int, activation: str = "none",
-                      out_scale: Optional[float] = None):
+                      out_scale: Optional[float] = None, residual: Optional[torch.Tensor] = None):
     devs = {t.device for t in (x, packed, colsum, w_scale)}
     torch._check(len(devs) == 1, lambda: f"int8_conv2d: all tensors must be on one device, got {devs}")
     torch._check(x.dtype in (torch.float32, torch.int8),
@@ -66,6 +66,10 @@ def _int8_conv2d_fake(x, packed, colsum, w_scale, bias, x_scale, kernel_size, st
     ho = conv_out_size(x.shape[2], kernel_size[0], stride[0], padding[0], dilation[0])
     wo = conv_out_size(x.shape[3], kernel_size[1], stride[1], padding[1], dilation[1])
     dt = torch.int8 if out_scale is not None else torch.float32
+    if residual is not None:
+        torch._check(residual.dtype == torch.float32, lambda: f"int8_conv2d: residual must be float32, got {residual.dtype}")
+        torch._check(tuple(residual.shape) == (x.shape[0], out_channels, ho, wo),
+                     lambda: f"int8_conv2d: residual must have the output's shape, got {tuple(residual.shape)}")
     return x.new_empty((x.shape[0], out_channels, ho, wo), dtype=dt).contiguous(memory_format=torch.channels_last)
 
 
@@ -82,8 +86,8 @@ def int8_conv2d(x: torch.Tensor, packed: torch.Tensor, colsum: torch.Tensor, w_s
                 bias: Optional[torch.Tensor], x_scale: Optional[torch.Tensor], kernel_size: Sequence[int],
                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
                 in_channels: int, out_channels: int, activation: str = "none",
-                out_scale: Optional[float] = None) -> torch.Tensor:
-    """Int8 Conv2d: act(dequant(conv(int8(x), w)) + bias), float32, channels_last.
+                out_scale: Optional[float] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Int8 Conv2d: act(dequant(conv(int8(x), w)) + bias [+ residual]), float32, channels_last.
 
     x: float32 [N, in_channels, H, W] in any memory format (NHWC is read without a copy),
     or int8 already quantized with the static x_scale (a previous layer's int8 output).
@@ -92,11 +96,13 @@ def int8_conv2d(x: torch.Tensor, packed: torch.Tensor, colsum: torch.Tensor, w_s
     x_scale: one-element float32 static activation scale, or None for one dynamic scale
     per image (amax / 127 over its finite values). w_scale: float32, colsum's shape,
     the per-output-channel weight scales (padding columns 1). An output pixel whose
-    window reads a NaN/Inf input pixel is NaN in every channel.
+    window reads a NaN/Inf input pixel is NaN in every channel. residual: float32 of the
+    output's shape (not for depthwise convs), added before the activation (a ResNet block's
+    conv -> add -> ReLU in one pass).
     """
     return torch.ops.pysparse.int8_conv2d(x, packed, colsum, w_scale, bias, x_scale, list(kernel_size),
                                           list(stride), list(padding), list(dilation), groups, in_channels,
-                                          out_channels, activation, out_scale)
+                                          out_channels, activation, out_scale, residual)
 
 
 def w_scale_packed(scale: torch.Tensor, out_channels: int, in_per_group: int, kh: int, kw: int,

@@ -10,7 +10,7 @@ from torch import nn
 
 from . import _modules
 from .formats import PACK_K
-from .nn import Int8Conv2d, Int8Linear
+from .nn import CompactConv2d, Int8Conv2d, Int8Linear
 
 _ACT_KIND = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 
@@ -33,7 +33,27 @@ def int8_conv_pays(conv: Optional[nn.Module] = None) -> bool:
 
 
 def _is_target(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Linear, nn.Conv2d))
+    return isinstance(m, (nn.Linear, nn.Conv2d)) or _fused_conv(m)
+
+
+def _fused_conv(m: nn.Module) -> bool:
+    """A CompactConv2d over all its channels: what pysparse.compact(fuse_residual=True) makes of a
+    conv feeding a residual add (called with the shortcut as its second argument). It converts to
+    an Int8Conv2d that takes the same call: y = act(conv(x) + bias + residual)."""
+    if not isinstance(m, CompactConv2d) or m.in_channels is None:
+        return False
+    full = lambda idx, n: idx.numel() == n and bool((idx.cpu() == torch.arange(n)).all())  # noqa: E731
+    return full(m.in_idx, m.in_channels) and full(m.out_idx, m.out_channels)
+
+
+def _as_conv2d(m: CompactConv2d) -> nn.Conv2d:
+    conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
+                     bias=m.bias is not None)
+    with torch.no_grad():
+        conv.weight.copy_(m.kept_weight())
+        if m.bias is not None:
+            conv.bias.copy_(m.bias[:m.out_channels])
+    return conv.eval()
 
 
 def _conv_fusions(model: nn.Module, convs: dict[str, nn.Conv2d]) -> dict[str, tuple[Optional[str], Optional[str]]]:
@@ -170,7 +190,8 @@ def quantize_int8(model: nn.Module, *, activations: str = "dynamic", calibration
     if convs is not None and not isinstance(convs, bool):
         raise TypeError(f"convs must be None, True or False, got {convs!r}")
     if convs is None:
-        pick = lambda m: _modules.is_linear(m) or (isinstance(m, nn.Conv2d) and int8_conv_pays(m))  # noqa: E731
+        pick = lambda m: _modules.is_linear(m) or (  # noqa: E731
+            (isinstance(m, nn.Conv2d) or _fused_conv(m)) and int8_conv_pays(m))
     else:
         pick = _is_target if convs else _modules.is_linear
     layers = _modules.targets(model, skip, predicate=pick, replaceable=True)
@@ -181,6 +202,11 @@ def quantize_int8(model: nn.Module, *, activations: str = "dynamic", calibration
     amax = _calibrate(model, layers, calibration_data) if needs_data else {}
 
     def build(name: str, mod: nn.Module) -> nn.Module:
+        if _fused_conv(mod):  # its ReLU (after the residual) stays after it
+            top = float(amax[name].max()) if activations == "static" else 0.0
+            return Int8Conv2d.from_float(_as_conv2d(mod), x_scale=(top / 127.0 if top > 0 else 1.0)
+                                         if activations == "static" else None,
+                                         activation="relu" if mod.relu else None)
         if isinstance(mod, nn.Conv2d):
             bn_name, act_name = fusions.get(name, (None, None))
             x_scale = None

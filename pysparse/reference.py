@@ -130,7 +130,7 @@ def compact_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 def int8_conv2d(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
                 x_scale: Optional[torch.Tensor], stride=1, padding=0, dilation=1, groups: int = 1,
                 activation: Optional[str] = None, return_acc: bool = False,
-                out_scale: Optional[float] = None) -> torch.Tensor:
+                out_scale: Optional[float] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reference of pysparse::int8_conv2d from the unpacked weight.
 
     x float [N, C, H, W]; w_q int8 [Cout, C/groups, kh, kw]; w_scale float32 [Cout];
@@ -140,7 +140,8 @@ def int8_conv2d(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     y = ((float(acc) * w_scale) * s) + bias, then ReLU / ReLU6. An output pixel whose window
     reads an input pixel holding NaN/Inf is NaN. return_acc=True returns the int32 sums.
     An int8 x is taken as already quantized with x_scale. out_scale: the output requantized,
-    int8 round(clamp(y * (1 / out_scale), -128, 127)), NaN -> 0.
+    int8 round(clamp(y * (1 / out_scale), -128, 127)), NaN -> 0. residual: float [N, Cout, Ho, Wo]
+    added to y before the activation.
     """
     xf = x.float()
     n = xf.shape[0]
@@ -168,6 +169,8 @@ def int8_conv2d(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     kh, kw = w_q.shape[2], w_q.shape[3]
     hit = torch.nn.functional.conv2d(bad, bad.new_ones(1, 1, kh, kw), None, stride, padding, dilation) > 0
     y = torch.where(hit, torch.full_like(y, float("nan")), y)
+    if residual is not None:  # added before the activation
+        y = y + residual.float()
     if activation == "relu":
         y = torch.relu(y)
     elif activation == "relu6":

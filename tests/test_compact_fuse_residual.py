@@ -110,3 +110,26 @@ def test_record_field_checked():
     for bad in (False, "yes", 1):
         with pytest.raises(ManifestError, match="fuse_residual"):
             check_record({**rec, "fuse_residual": bad})
+
+
+@torch.no_grad()
+def test_fused_convs_quantize_with_the_residual_in_the_epilogue(tmp_path):
+    model = zoo.make("resnet_bottleneck")
+    x = torch.randn(zoo.IMAGE)
+    fresh = copy.deepcopy(model)
+    pysparse.prune.filters(model, 0.5, example_inputs=(x,))
+    fused = pysparse.compact(model, (x,), fuse_residual=True)
+    n_fused = len(_fused(fused))
+    q = pysparse.quantize_int8(copy.deepcopy(fused), activations="static", calibration_data=[x, torch.randn(zoo.IMAGE)],
+                               convs=True)
+    mods = dict(q.named_modules())
+    called_with_residual = [n.target for n in q.graph.nodes if n.op == "call_module" and len(n.args) == 2]
+    assert len(called_with_residual) == n_fused
+    assert all(isinstance(mods[t], pysparse.nn.Int8Conv2d) for t in called_with_residual)
+    assert not any(isinstance(m, CompactConv2d) for m in q.modules())
+    y, ref = q(x), fused(x)
+    # int8 weights and static activations through the whole network: within 5% (measured ~1%)
+    assert float((y - ref).norm() / ref.norm()) < 0.05
+    p = tmp_path / "q.safetensors"
+    serve.save(q, p, example_inputs=x)
+    assert torch.equal(serve.load(p, fresh)(x), y)

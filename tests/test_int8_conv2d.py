@@ -359,6 +359,43 @@ def test_small_convnet_close_to_fp32():
 
 
 # ---------------------------------------------------------------- opcheck / compile / export
+# ---------------------------------------------------------------- residual (fused add)
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[2], SHAPES[7], SHAPES[14]],
+                         ids=[IDS[i] for i in (0, 1, 2, 7, 14)])
+@pytest.mark.parametrize("activation", [None, "relu", "relu6"])
+def test_residual_matches_reference(isa, shape, activation):
+    # y = act(conv + bias + residual), float out and requantized int8 out; the residual in
+    # NCHW (copied to NHWC by the op) and in channels_last (read as it is)
+    n, cin, h, w, cout, k, s, p, d, g = shape
+    m = Int8Conv2d.from_float(make_conv(cin, cout, k, s, p, d, g), x_scale=0.02, activation=activation)
+    x = torch.randn(max(n, 1), cin, h, w)
+    y0 = m(x)
+    r = torch.randn(y0.shape) * 3
+    ref = R.int8_conv2d(x, m.weight_int8, m.weight_scale, m.bias, m.x_scale, m.stride, m.padding, m.dilation,
+                        m.groups, activation, residual=r)
+    for res in (r, r.contiguous(memory_format=torch.channels_last)):
+        assert torch.equal(m(x, res), ref)
+    assert not torch.equal(ref, y0)  # the residual did something
+    args = (x, m.packed, m.colsum, m.w_scale, m.bias, m.x_scale, m.kernel_size, m.stride, m.padding, m.dilation,
+            m.groups, cin, cout, activation or "none")
+    q = opc.int8_conv2d(*args, out_scale=0.05, residual=r)
+    qref = R.int8_conv2d(x, m.weight_int8, m.weight_scale, m.bias, m.x_scale, m.stride, m.padding, m.dilation,
+                         m.groups, activation, out_scale=0.05, residual=r)
+    assert q.dtype == torch.int8 and torch.equal(q, qref)
+
+
+def test_residual_bad_input():
+    m = Int8Conv2d.from_float(make_conv(4, 8, 3, 1, 1, 1, 1), x_scale=0.1)
+    x = torch.randn(1, 4, 6, 6)
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        m(x, torch.randn(1, 8, 5, 6))
+    with pytest.raises(TypeError, match="residual must be a float32"):
+        m(x, torch.randn(1, 8, 6, 6).double())
+    dw = Int8Conv2d.from_float(make_conv(8, 8, 3, 1, 1, 1, 8), x_scale=0.1)
+    with pytest.raises(ValueError, match="not depthwise"):
+        dw(torch.randn(1, 8, 6, 6), torch.randn(1, 8, 6, 6))
+
+
 def test_opcheck():
     for cin, cout, k, s, p, d, g in ((12, 20, 3, 2, 1, 1, 1), (16, 16, 3, 1, 1, 1, 16), (8, 12, 1, 1, 0, 1, 1),
                                      (12, 18, 3, 1, 2, 2, 3)):
@@ -368,6 +405,9 @@ def test_opcheck():
         for xs, act in ((m.x_scale, "none"), (None, "relu")):
             args = (x, m.packed, m.colsum, m.w_scale, m.bias, xs, [k, k], [s, s], [p, p], [d, d], g, cin, cout, act)
             torch.library.opcheck(torch.ops.pysparse.int8_conv2d.default, args)
+            if g == 1 or g != cin:  # with a residual (not for depthwise)
+                r = torch.randn(m(x).shape)
+                torch.library.opcheck(torch.ops.pysparse.int8_conv2d.default, args + (None, r))
 
 
 def _net():

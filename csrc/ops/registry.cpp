@@ -48,12 +48,14 @@ TORCH_LIBRARY(pysparse, m) {
   // (per group, int8_pack's layout of the [Cout/groups, kh*kw*Cin/groups] GEMM weight;
   // depthwise: [kh*kw, C]); y channels_last float32 = act(dequant(conv(quant(x), w)) + bias),
   // x_scale=None: one dynamic scale per image; activation 'none' | 'relu' | 'relu6'; out_scale:
-  // int8 output requantized with it; an int8 x (quantized with x_scale) skips quantization.
+  // int8 output requantized with it; an int8 x (quantized with x_scale) skips quantization;
+  // residual (float32, the output's shape; not depthwise): added before the activation,
+  // y = act(conv + bias + residual).
   m.def("int8_conv2d_pack(Tensor w, int groups=1) -> (Tensor, Tensor)");
   m.def(
       "int8_conv2d(Tensor x, Tensor packed, Tensor colsum, Tensor w_scale, Tensor? bias, Tensor? x_scale, "
       "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups, int in_channels, "
-      "int out_channels, str activation='none', float? out_scale=None) -> Tensor");
+      "int out_channels, str activation='none', float? out_scale=None, Tensor? residual=None) -> Tensor");
 }
 
 namespace {

@@ -136,12 +136,14 @@ def build_contenders(run: CnnRun, notes: list[str], skipped: list[dict]) -> dict
             skipped.append({"contender": "torch-pruning", "reason": f"{type(e).__name__}: {e}".splitlines()[0]})
     masked = copy.deepcopy(model)
     pysparse.prune.filters(masked, run.amount, criterion="l1", example_inputs=(example,))
-    compacted = pysparse.compact(copy.deepcopy(masked), (example,))  # what int8 and the ONNX export start from
-    out["pysparse-compact"] = (pysparse.compact(masked, (example,), fuse_residual=True), cl)
+    compacted = pysparse.compact(copy.deepcopy(masked), (example,))  # plain convs: what ONNX exports
+    fused = pysparse.compact(masked, (example,), fuse_residual=True)
+    out["pysparse-compact"] = (fused, cl)
     calib = [torch.randn(4, *run.input_shape) for _ in range(4)]
     if run.int8:
         try:
-            q = pysparse.quantize_int8(copy.deepcopy(compacted), activations="static", calibration_data=calib,
+            # the fused convs become int8 convs with the residual add (+ ReLU) in their epilogue
+            q = pysparse.quantize_int8(copy.deepcopy(fused), activations="static", calibration_data=calib,
                                        convs=True)
             out["pysparse-compact-int8"] = (q, cl)
         except Exception as e:

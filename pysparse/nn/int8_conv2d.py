@@ -174,7 +174,12 @@ class Int8Conv2d(nn.Module):
         """The weight the layer computes with, float32 [out, in/groups, kh, kw]."""
         return self.weight_int8.float() * self.weight_scale.view(-1, 1, 1, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x float32 [N, in, H, W] (or int8 quantized with x_scale) -> act(conv(x) + bias [+ residual]).
+
+        residual: float32 of the output's shape, added before the activation (pysparse.quantize_int8
+        passes a residual block's shortcut here when pysparse.compact(fuse_residual=True) fused it).
+        """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"Int8Conv2d: x must be a tensor, got {type(x).__name__}")
         if x.dtype != torch.float32 and not (x.dtype == torch.int8 and self.x_scale is not None):
@@ -183,6 +188,10 @@ class Int8Conv2d(nn.Module):
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
+            residual = residual.unsqueeze(0) if isinstance(residual, torch.Tensor) else residual
+        if residual is not None and (not isinstance(residual, torch.Tensor) or residual.dtype != torch.float32):
+            raise TypeError(f"Int8Conv2d: residual must be a float32 tensor, got "
+                            f"{getattr(residual, 'dtype', type(residual).__name__)}")
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"Int8Conv2d: x must be [N, {self.in_channels}, H, W] or [{self.in_channels}, H, W], "
                              f"got shape {tuple(x.shape)}")
@@ -192,7 +201,7 @@ class Int8Conv2d(nn.Module):
                                            list(self.kernel_size), list(self.stride), list(self.padding),
                                            list(self.dilation), self.groups, self.in_channels,
                                            self.out_channels, self.activation or "none",
-                                           self._out_scale_f)
+                                           self._out_scale_f, residual)
         return y.squeeze(0) if unbatched else y
 
     # Scales and bias stay float32 bit for bit under .half() / .bfloat16() / .double() (the
