@@ -201,18 +201,19 @@ def quantize_int8(model: nn.Module, *, activations: str = "dynamic", calibration
     fusions = _conv_fusions(model, conv_layers) if conv_layers else {}
     amax = _calibrate(model, layers, calibration_data) if needs_data else {}
 
+    def conv_x_scale(name: str) -> Optional[float]:  # per tensor; None: dynamic
+        if activations != "static":
+            return None
+        top = float(amax[name].max())
+        return top / 127.0 if top > 0 else 1.0
+
     def build(name: str, mod: nn.Module) -> nn.Module:
         if _fused_conv(mod):  # its ReLU (after the residual) stays after it
-            top = float(amax[name].max()) if activations == "static" else 0.0
-            return Int8Conv2d.from_float(_as_conv2d(mod), x_scale=(top / 127.0 if top > 0 else 1.0)
-                                         if activations == "static" else None,
+            return Int8Conv2d.from_float(_as_conv2d(mod), x_scale=conv_x_scale(name),
                                          activation="relu" if mod.relu else None)
         if isinstance(mod, nn.Conv2d):
             bn_name, act_name = fusions.get(name, (None, None))
-            x_scale = None
-            if activations == "static":
-                top = float(amax[name].max())
-                x_scale = top / 127.0 if top > 0 else 1.0
+            x_scale = conv_x_scale(name)
             return Int8Conv2d.from_float(mod, x_scale=x_scale, bn=model.get_submodule(bn_name) if bn_name else None,
                                          activation=_ACT_KIND[type(model.get_submodule(act_name))] if act_name
                                          else None)

@@ -83,13 +83,18 @@ def test_needs_channels_last():
     assert not _fused(gm)
 
 
-@torch.no_grad()
-def test_fused_model_saves_and_loads(tmp_path):
-    model = zoo.make("resnet_basic")
+def _pruned_fused(name: str):
+    """(a fresh copy of the zoo model, the example input, the model 50% filter-pruned and compacted fused)."""
+    model = zoo.make(name)
     x = torch.randn(zoo.IMAGE)
     fresh = copy.deepcopy(model)
     pysparse.prune.filters(model, 0.5, example_inputs=(x,))
-    gm = pysparse.compact(model, (x,), fuse_residual=True)
+    return fresh, x, pysparse.compact(model, (x,), fuse_residual=True)
+
+
+@torch.no_grad()
+def test_fused_model_saves_and_loads(tmp_path):
+    fresh, x, gm = _pruned_fused("resnet_basic")
     assert gm.meta[RECORD_KEY]["fuse_residual"] is True
     p = tmp_path / "fused.safetensors"
     serve.save(gm, p, example_inputs=x)
@@ -114,11 +119,7 @@ def test_record_field_checked():
 
 @torch.no_grad()
 def test_fused_convs_quantize_with_the_residual_in_the_epilogue(tmp_path):
-    model = zoo.make("resnet_bottleneck")
-    x = torch.randn(zoo.IMAGE)
-    fresh = copy.deepcopy(model)
-    pysparse.prune.filters(model, 0.5, example_inputs=(x,))
-    fused = pysparse.compact(model, (x,), fuse_residual=True)
+    fresh, x, fused = _pruned_fused("resnet_bottleneck")
     n_fused = len(_fused(fused))
     q = pysparse.quantize_int8(copy.deepcopy(fused), activations="static", calibration_data=[x, torch.randn(zoo.IMAGE)],
                                convs=True)
